@@ -1,0 +1,271 @@
+"""One typed config tree: dataclass defaults <- YAML file <- ``key.sub=value`` overrides.
+
+Built on OmegaConf structured configs, so unknown keys and wrong types are errors that name the
+key. The resolved tree is written to the run directory as ``config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for configs)
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (names the key)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "MPDiT-XL/4x"
+    # overrides of the named config; None keeps the named config's value
+    stages: Optional[list[list[int]]] = None  # [[patch, depth], ...] coarse to fine
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    num_condition_tokens: int = 16
+    time_embed: str = "fno"
+    skip_connection: bool = True
+    attention: str = "auto"
+
+
+@dataclass
+class FlowConfig:
+    time_sampler: str = "lognormal"  # lognormal | uniform
+    p_mean: float = 0.0
+    p_std: float = 1.0
+    loss_weighting: str = "uniform"  # uniform | snr | min_snr
+    class_dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    format: str = "mds"  # mds | wds | memory
+    path: str = ""  # shard root holding manifest.json (memory: a .npz or a built-in dataset name)
+    global_batch_size: int = 256
+    micro_batch_size: Optional[int] = None  # per rank; None = global / world (no accumulation)
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    shuffle: bool = True
+    normalize: bool = True  # standardise latents with the manifest's per-channel mean/std
+    remote: Optional[str] = None  # remote store for MDS (s3://, gs://, ...) or wds URL prefix
+    cache_dir: Optional[str] = None  # local cache for a remote store
+    audit: bool = False  # log the sample keys each rank trains on to <run>/audit/rank{R}.jsonl
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # <= 0 disables
+    fused: Optional[bool] = None  # None: fused on CUDA, foreach elsewhere
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    # warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so short runs get a useful EMA
+    warmup: bool = True
+    start_step: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 100
+    ckpt_every: int = 5000
+    sample_every: int = 10000
+    sample_classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    sample_cfg_scale: float = 4.0
+    sample_steps: int = 50
+    sample_sampler: str = "euler"
+    eval_every: int = 0  # 0 = off; in-training FID on eval_num_samples
+    eval_num_samples: int = 10000
+    eval_reference: Optional[str] = None
+    eval_inception: Optional[str] = None
+    init_from: Optional[str] = None  # weights-only warm start (safetensors export or official .pt)
+    progress_bar: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    profile_memory: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 3
+    keep_every: int = 0  # milestone period in steps (0: none)
+    async_save: bool = False
+    allow_batch_change: bool = False  # resume with another global batch (changes the data order)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # default: sqlite:///<results_dir>/mlflow.db
+    experiment: str = "mpdit"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # auto (ddp if world > 1 else none) | none | ddp | fsdp2 | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (1, 2, 3)
+    deepspeed_config: Optional[str] = None  # a user's JSON, overriding the generated one
+    hsdp_replicas: int = 1  # >1: HSDP, shard within groups of world/hsdp_replicas ranks
+    param_dtype: str = "bf16"  # FSDP2 MixedPrecisionPolicy on GPU
+    reduce_dtype: str = "fp32"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    activation_checkpointing: str = "none"  # none | full | every_n
+    ac_every: int = 2
+    compile: bool = False  # torch.compile per block
+    compile_mode: Optional[str] = None
+
+
+@dataclass
+class LaunchConfig:
+    cluster: str = "slurm"  # slurm | local | debug
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: Optional[int] = None  # default: gpus_per_node (CPU jobs: set explicitly)
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 60 * 24
+    constraint: Optional[str] = None
+    signal_delay_s: int = 120
+    max_requeues: int = 10
+    folder: Optional[str] = None  # submitit logs; default <run_dir>/submitit
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    results_dir: str = "results"
+    run_name: Optional[str] = None
+
+
+def _wrap(exc: Exception, where: str) -> ConfigError:
+    return ConfigError(f"{where}: {exc}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides (OmegaConf dotlist)."""
+    schema = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, f"config file {path}") from None
+    try:
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, "command-line override") from None
+    cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than types; each error names the key and value."""
+    choices = {
+        "data.format": (cfg.data.format, ("mds", "wds", "memory")),
+        "flow.time_sampler": (cfg.flow.time_sampler, ("lognormal", "uniform")),
+        "flow.loss_weighting": (cfg.flow.loss_weighting, ("uniform", "snr", "min_snr")),
+        "optim.schedule": (cfg.optim.schedule, ("constant", "cosine")),
+        "train.precision": (cfg.train.precision, ("auto", "bf16", "fp32")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "parallel.backend": (cfg.parallel.backend, ("auto", "none", "ddp", "fsdp2", "deepspeed")),
+        "parallel.activation_checkpointing": (cfg.parallel.activation_checkpointing, ("none", "full", "every_n")),
+        "launch.cluster": (cfg.launch.cluster, ("slurm", "local", "debug")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+    if cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: choose 0, 1, 2 or 3")
+    if cfg.data.global_batch_size < 1:
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} must be >= 1")
+    if not 0.0 <= cfg.flow.class_dropout < 1.0:
+        raise ConfigError(f"flow.class_dropout={cfg.flow.class_dropout} must be in [0, 1)")
+    if not 0.0 <= cfg.ema.decay <= 1.0:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1]")
+    if cfg.train.steps < 1:
+        raise ConfigError(f"train.steps={cfg.train.steps} must be >= 1")
+    try:
+        model_args_from(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def model_args_from(mcfg: ModelConfig):
+    """``ModelConfig`` -> ``ModelArgs`` (named config + overrides)."""
+    from .models import model_args
+
+    over = {k: v for k, v in dataclasses.asdict(mcfg).items() if k != "name"}
+    if over.get("stages") is not None:
+        over["stages"] = tuple(tuple(s) for s in over["stages"])
+    return model_args(mcfg.name, **over)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
