@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+# two cores: keep intra-op threads low so parallel test processes do not thrash
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_args():
+    from mpdit_dist.models import model_args
+
+    return model_args("custom", stages=((4, 2), (2, 1)), hidden_size=64, num_heads=4, input_size=16,
+                      in_channels=3, num_classes=10, num_condition_tokens=4)
