@@ -1,0 +1,643 @@
+"""Experiment tracking: MLflow (rank 0 only) and ``metrics.jsonl`` in the run directory.
+
+``Tracker`` is the one object the trainer logs through. On rank 0 it
+
+- appends one JSON object per ``log_metrics`` call to ``<run_dir>/metrics.jsonl`` and flushes
+  it, whatever happens to MLflow: that file is the record any tool can read
+  (``read_metrics``);
+- mirrors metrics, params, tags and artifacts to an MLflow run. The default store is the
+  embedded SQLite file ``<results_dir>/mlflow.db`` (nothing to start); ``tracking.uri`` points
+  at any other store (a team's server, a file store). The run id is kept in
+  ``<run_dir>/mlflow_run_id`` so that a resumed job continues the same MLflow run, even when
+  the earlier process died and left the run RUNNING.
+
+On every other rank it is a no-op with the same methods, so the trainer calls it
+unconditionally.
+
+MLflow is optional at run time: tracking switched off, a server that cannot be reached or a
+store that fails gives exactly one warning and training goes on with ``metrics.jsonl``. After
+start-up nothing MLflow does raises into the training loop: MLflow calls run on a background
+thread (a slow server or a SQLite commit never stalls a step), and the first failure there
+switches MLflow off for the rest of the run with one warning. The thread is ours rather than
+MLflow's own async logging because we need the failure policy above, artifacts on the same
+ordered queue, and a bounded flush on ``close``.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import posixpath
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+from .config import TrackingConfig
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "mlflow_run_id"
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Keys every metrics.jsonl record carries besides the metrics themselves.
+_RESERVED_KEYS = ("step", "time")
+
+# MLflow's limits (mlflow.utils.validation); older releases had 500-character params, so read
+# them from the installed MLflow where it has them.
+try:  # pragma: no cover - depends on the installed MLflow
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as _MAX_PARAM_LEN
+except Exception:  # pragma: no cover
+    _MAX_PARAM_LEN = 500
+try:  # pragma: no cover
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH as _MAX_TAG_LEN
+except Exception:  # pragma: no cover
+    _MAX_TAG_LEN = 5000
+_MAX_KEY_LEN = 250
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
+
+
+def default_tracking_uri(results_dir: str | Path) -> str:
+    """The embedded store: ``sqlite:///<absolute results_dir>/mlflow.db``."""
+    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def ui_command(tracking_uri: str, port: int = 5000) -> str:
+    """The shell command that opens the MLflow UI on a local store."""
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port {port}"
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``<run_dir>/metrics.jsonl`` (or of the given .jsonl file), one per step.
+
+    A resumed run re-logs the steps between its checkpoint and the crash, so a step can appear
+    more than once in the file. Records of the same step are merged in file order: each step
+    appears once, and for every key the last value written wins (so a re-logged step replaces
+    the values of the crashed attempt, and separate log calls at one step, say training
+    metrics and an evaluation, are combined). The result is sorted by step.
+
+    Lines that do not parse (a line cut short by a crash) are skipped with a warning that
+    counts them. NaN and infinite values were written as ``null``.
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    by_step: dict[int, dict[str, Any]] = {}
+    bad_lines: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                bad_lines.append(lineno)
+                continue
+            by_step.setdefault(step, {}).update(record)
+    if bad_lines:
+        logger.warning("%s: skipped %d unreadable line(s) (lines %s)", path, len(bad_lines),
+                       bad_lines[:10])
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _scalar(value: Any) -> Any:
+    """torch / numpy scalars -> Python numbers; anything else unchanged."""
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, (str, bytes)):
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):  # not a one-element array
+            return value
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    """A metric value as JSON: numbers stay numbers (NaN/inf -> null), tensors become numbers."""
+    value = _scalar(value)
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _mlflow_value(value: Any) -> Optional[float]:
+    """A metric value as MLflow takes it (a float; NaN and inf allowed) or None if not numeric."""
+    value = _scalar(value)
+    if isinstance(value, str) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mlflow_key(key: str) -> str:
+    """A metric/param key MLflow accepts: its character set, no path tricks, at most 250 chars."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    norm = posixpath.normpath(key)
+    if norm != key or norm in (".", "..") or norm.startswith(("/", "..")):
+        key = key.replace("/", "_")
+    return key[:_MAX_KEY_LEN]
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    marker = f"...[{len(text)} chars]"
+    return text[: limit - len(marker)] + marker
+
+
+def _git_commit(path: Path) -> Optional[str]:
+    """HEAD of the git repository holding ``path``, or None (no git, not a repo, too slow)."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+# --------------------------------------------------------------------------- background worker
+
+_STOP = object()
+
+
+class _Metrics:
+    """One queued ``log_metrics`` call (kept apart so consecutive ones merge into one batch)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list):
+        self.items = items
+
+
+class _MlflowWorker:
+    """Runs MLflow calls in order on a daemon thread; the first failure switches MLflow off."""
+
+    def __init__(self, client, run_id: str, describe: str, jsonl: Path):
+        self._client = client
+        self._run_id = run_id
+        self._describe = describe
+        self._jsonl = jsonl
+        self._queue: queue.Queue = queue.Queue()
+        self.failed = False
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Callable[[], None] | _Metrics) -> None:
+        self._queue.put(op)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _loop(self) -> None:
+        held = None
+        while True:
+            item = held if held is not None else self._queue.get()
+            held = None
+            if item is _STOP:
+                return
+            if isinstance(item, _Metrics):
+                # Merge whatever metric calls are already waiting into one log_batch request.
+                metrics = list(item.items)
+                while len(metrics) < _MAX_METRICS_PER_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(nxt, _Metrics) and len(metrics) + len(nxt.items) <= _MAX_METRICS_PER_BATCH:
+                        metrics.extend(nxt.items)
+                    else:
+                        held = nxt
+                        break
+                op = (lambda m=metrics: self._client.log_batch(self._run_id, metrics=m))
+            else:
+                op = item
+            if self.failed:
+                self.dropped += 1
+                continue
+            try:
+                op()
+            except Exception as exc:  # noqa: BLE001 - any failure of the store ends MLflow logging
+                self.failed = True
+                self.dropped += 1
+                logger.warning(
+                    "MLflow logging to %s failed (%s: %s); MLflow tracking is off for the rest "
+                    "of this run, metrics continue in %s", self._describe, type(exc).__name__,
+                    _truncate(str(exc), 300), self._jsonl)
+
+    def close(self, timeout: float) -> bool:
+        """Flush and stop; False if the thread was still busy after ``timeout`` seconds."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+@contextmanager
+def _bounded_http(timeout_s: float) -> Iterator[None]:
+    """Cap MLflow's HTTP retries and timeout for start-up calls (its defaults retry for minutes).
+
+    MLflow reads these variables at each request; a value the user has set is left alone.
+    """
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(math.ceil(timeout_s))))}
+    added = [n for n in names if n not in os.environ]
+    for n in added:
+        os.environ[n] = names[n]
+    try:
+        yield
+    finally:
+        for n in added:
+            os.environ.pop(n, None)
+
+
+def _probe_http(uri: str, timeout_s: float) -> None:
+    """Raise ConnectionError if nothing answers HTTP at ``uri`` within ``timeout_s`` seconds.
+
+    Any HTTP answer counts as reachable (a proxy or an auth layer may answer /health with 404
+    or 401): only a refused connection or a timeout is "unreachable".
+    """
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise ConnectionError(f"no answer within {timeout_s:g}s ({type(exc).__name__})") from None
+
+
+class Tracker:
+    """Metrics, params, tags and artifacts of one training run (MLflow + ``metrics.jsonl``).
+
+    Args:
+        cfg: the ``tracking`` section of the config (enabled, uri, experiment, run_name).
+        run_dir: the run directory; receives ``metrics.jsonl`` and ``mlflow_run_id``.
+        rank: the global rank; only rank 0 writes anything.
+        results_dir: where the default SQLite store ``mlflow.db`` lives.
+        params: the flattened resolved config, logged as MLflow params. Values longer than
+            MLflow's limit are truncated (marked ``...[N chars]``). On resume only params the
+            run does not hold yet are logged; a value that changed is kept as the tag
+            ``resume_changed.<key>`` (MLflow refuses to change a param) with a warning.
+        tags: run tags (git commit, model, world size, backend, ...). ``mlflow.source.git.commit``
+            is added when this package sits in a git repository.
+        console: print the MLflow run id and store at start (rank 0).
+        probe_timeout_s: how long start-up waits for an HTTP tracking server.
+        close_timeout_s: how long ``close`` waits for queued MLflow calls to finish.
+
+    Use it as a context manager, or call ``close``: an exception leaving the ``with`` block
+    ends the MLflow run FAILED (KILLED for KeyboardInterrupt), a normal exit FINISHED.
+    """
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: str | Path,
+        *,
+        rank: int,
+        results_dir: str | Path,
+        params: Optional[Mapping[str, Any]] = None,
+        tags: Optional[Mapping[str, Any]] = None,
+        console: bool = True,
+        probe_timeout_s: float = 5.0,
+        close_timeout_s: float = 60.0,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self.tracking_uri: Optional[str] = None
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self._close_timeout_s = close_timeout_s
+        self._closed = False
+        self._file = None
+        self._worker: Optional[_MlflowWorker] = None
+        self._known_params: dict[str, str] = {}
+        self._non_numeric_warned: set[str] = set()
+        self._artifact_warned = False
+        self._write_warned = False
+        if rank != 0:
+            return
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._open_metrics_file()
+        if not cfg.enabled:
+            logger.warning("MLflow tracking is off (tracking.enabled=false); metrics go to %s "
+                           "only", self.metrics_path)
+            return
+        self.tracking_uri = cfg.uri or default_tracking_uri(results_dir)
+        try:
+            client, run_id, experiment_id = self._start(params or {}, dict(tags or {}),
+                                                        probe_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a broken store must not stop training
+            logger.warning(
+                "MLflow tracking unavailable at %s (%s: %s); training continues with metrics in "
+                "%s only", self.tracking_uri, type(exc).__name__, _truncate(str(exc), 300),
+                self.metrics_path)
+            self.tracking_uri = None
+            return
+        self.run_id, self.experiment_id = run_id, experiment_id
+        self._worker = _MlflowWorker(client, run_id, self.tracking_uri, self.metrics_path)
+        if console:
+            print(f"MLflow run {run_id} (experiment '{cfg.experiment}') in {self.tracking_uri}",
+                  flush=True)
+            if self.tracking_uri.startswith(("http://", "https://")):
+                print(f"  {self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/"
+                      f"{run_id}", flush=True)
+            elif self.tracking_uri.startswith("sqlite:"):
+                print(f"  UI: {ui_command(self.tracking_uri)}", flush=True)
+
+    # ----------------------------------------------------------------- start-up (rank 0)
+
+    def _open_metrics_file(self) -> None:
+        # A crash can leave a last line without its newline; start on a fresh line so the
+        # next record is not glued to it.
+        needs_newline = False
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
+            with open(self.metrics_path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
+        self._file = open(self.metrics_path, "a", encoding="utf-8")
+        if needs_newline:
+            self._file.write("\n")
+            self._file.flush()
+
+    def _start(self, params: Mapping[str, Any], tags: dict[str, Any], probe_timeout_s: float):
+        """Find or create the experiment, resume or create the run, log params and tags."""
+        uri = self.tracking_uri
+        assert uri is not None
+        if uri.startswith(("http://", "https://")):
+            _probe_http(uri, probe_timeout_s)
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        with _bounded_http(probe_timeout_s):
+            client = MlflowClient(tracking_uri=uri)
+            run = self._resume_run(client)
+            if run is None:
+                experiment_id = self._experiment_id(client, MlflowException)
+                commit = _git_commit(Path(__file__).resolve().parent)
+                system_tags = {"mlflow.source.name": sys.argv[0] or "python",
+                               "mlflow.source.type": "LOCAL"}
+                if commit:
+                    system_tags["mlflow.source.git.commit"] = commit
+                try:
+                    system_tags["mlflow.user"] = getpass.getuser()
+                except Exception:  # noqa: BLE001 - no user name in some containers
+                    pass
+                run = client.create_run(
+                    experiment_id, run_name=self.cfg.run_name or self.run_dir.name,
+                    tags={k: _truncate(str(v), _MAX_TAG_LEN) for k, v in system_tags.items()})
+                self._write_run_id(run.info.run_id)
+            else:
+                experiment_id = run.info.experiment_id
+                client.update_run(run.info.run_id, status="RUNNING")
+            run_id = run.info.run_id
+            self._known_params = dict(run.data.params)
+            param_entities, changed = self._new_params(params)
+            tags.update({f"resume_changed.{k}": v for k, v in changed.items()})
+            self._log_params_now(client, run_id, param_entities)
+            self._set_tags_now(client, run_id, tags)
+        return client, run_id, experiment_id
+
+    def _resume_run(self, client):
+        """The run named in ``<run_dir>/mlflow_run_id``, or None to start a new one."""
+        from mlflow.exceptions import MlflowException
+
+        path = self.run_dir / RUN_ID_FILE
+        if not path.exists():
+            return None
+        run_id = path.read_text().strip()
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage != "active":
+            logger.warning("%s names MLflow run %r, which %s in %s; starting a new MLflow run",
+                           path, run_id, "is deleted" if run else "does not exist",
+                           self.tracking_uri)
+            return None
+        return run
+
+    def _experiment_id(self, client, MlflowException) -> str:
+        name = self.cfg.experiment
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            artifact_location = None
+            if self.tracking_uri and self.tracking_uri.startswith("sqlite:///"):
+                # MLflow's default artifact root for a database store is ./mlruns in the
+                # current directory; keep artifacts next to the database instead.
+                db = Path(self.tracking_uri[len("sqlite:///"):])
+                artifact_location = (db.resolve().parent / "mlartifacts").as_uri()
+            try:
+                return client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException as exc:  # another job created it meanwhile
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = client.get_experiment_by_name(name)
+        if exp.lifecycle_stage != "active":
+            raise RuntimeError(f"MLflow experiment '{name}' is deleted; restore it "
+                               f"(mlflow experiments restore) or set tracking.experiment")
+        return exp.experiment_id
+
+    def _write_run_id(self, run_id: str) -> None:
+        path = self.run_dir / RUN_ID_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+
+    def _new_params(self, params: Mapping[str, Any]):
+        """Params the run does not hold yet, and those whose value changed (MLflow refuses)."""
+        from mlflow.entities import Param
+
+        new, changed = [], {}
+        for key, value in params.items():
+            k, v = _mlflow_key(key), _truncate(str(value), _MAX_PARAM_LEN)
+            if k not in self._known_params:
+                self._known_params[k] = v
+                new.append(Param(k, v))
+            elif self._known_params[k] != v:
+                changed[k] = v
+        if changed:
+            logger.warning(
+                "MLflow run %s already holds different values for %d param(s) (%s); MLflow "
+                "cannot change a param, the new values are kept as tags resume_changed.<key>",
+                self.run_id or "(resumed)", len(changed), ", ".join(sorted(changed)[:10]))
+        return new, changed
+
+    @staticmethod
+    def _log_params_now(client, run_id: str, entities: list) -> None:
+        for i in range(0, len(entities), _MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=entities[i:i + _MAX_PARAMS_PER_BATCH])
+
+    @staticmethod
+    def _set_tags_now(client, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        entities = [RunTag(_mlflow_key(k), _truncate(str(v), _MAX_TAG_LEN)) for k, v in tags.items()]
+        for i in range(0, len(entities), _MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, tags=entities[i:i + _MAX_PARAMS_PER_BATCH])
+
+    # ----------------------------------------------------------------- logging (any rank)
+
+    @property
+    def mlflow_active(self) -> bool:
+        """True while metrics still go to MLflow (rank 0, tracking on, no failure so far)."""
+        return self._worker is not None and not self._worker.failed and not self._closed
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Append ``{"step", "time", **metrics}`` to metrics.jsonl (flushed) and queue for MLflow.
+
+        Every rank may call it; only rank 0 writes. ``step`` is always explicit (MLflow puts
+        metrics logged without one at step 0). Values may be Python/numpy/torch scalars;
+        non-numeric values go to metrics.jsonl only (one warning per key).
+        """
+        if self._file is None or self._closed:
+            return
+        step = int(step)
+        for key in _RESERVED_KEYS:
+            if key in metrics:
+                raise ValueError(f"log_metrics: '{key}' is written by the tracker; rename the "
+                                 f"metric (got keys {sorted(metrics)})")
+        now = time.time()
+        record = {"step": step, "time": round(now, 3)}
+        record.update({str(k): _json_value(v) for k, v in metrics.items()})
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            if not self._write_warned:
+                self._write_warned = True
+                logger.warning("cannot write %s (%s); metrics of this run may be incomplete",
+                               self.metrics_path, exc)
+        if self._worker is None or self._worker.failed:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(now * 1000)
+        items = []
+        for key, value in metrics.items():
+            number = _mlflow_value(value)
+            if number is None:
+                if key not in self._non_numeric_warned:
+                    self._non_numeric_warned.add(key)
+                    logger.warning("metric %r=%r is not a number: written to metrics.jsonl, not "
+                                   "to MLflow", key, value)
+                continue
+            items.append(Metric(_mlflow_key(key), number, stamp, step))
+        if items:
+            self._worker.submit(_Metrics(items))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values truncated to MLflow's limit); already-logged keys are skipped."""
+        if self._worker is None or self._closed:
+            return
+        entities, changed = self._new_params(params)
+        client, run_id = self._worker._client, self.run_id
+        if entities:
+            self._worker.submit(lambda: self._log_params_now(client, run_id, entities))
+        if changed:
+            tags = {f"resume_changed.{k}": v for k, v in changed.items()}
+            self._worker.submit(lambda: self._set_tags_now(client, run_id, tags))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values truncated to MLflow's limit; a tag may be overwritten)."""
+        if self._worker is None or self._closed:
+            return
+        client, run_id, tags = self._worker._client, self.run_id, dict(tags)
+        self._worker.submit(lambda: self._set_tags_now(client, run_id, tags))
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        """Copy a file (or a directory's files) into the MLflow run, under ``artifact_path``.
+
+        Uploads happen on the background thread: the file must stay in place until ``close``
+        (files in the run directory do).
+        """
+        if self._worker is None or self._closed:
+            return
+        path = Path(path)
+        if not path.exists():
+            if not self._artifact_warned:
+                self._artifact_warned = True
+                logger.warning("log_artifact: %s does not exist; not logged", path)
+            return
+        client, run_id = self._worker._client, self.run_id
+        if path.is_dir():
+            self._worker.submit(lambda: client.log_artifacts(run_id, str(path), artifact_path))
+        else:
+            self._worker.submit(lambda: client.log_artifact(run_id, str(path), artifact_path))
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until queued MLflow calls are done (True) or ``timeout`` passes (False)."""
+        if self._worker is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = threading.Event()
+        self._worker.submit(done.set)
+        while not done.is_set():
+            if self._worker.failed or not self._worker._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            done.wait(0.05)
+        return True
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status`` (FINISHED, FAILED or KILLED) and close the file.
+
+        Waits at most ``close_timeout_s`` for queued MLflow calls; safe to call twice.
+        """
+        if status not in _STATUSES:
+            raise ValueError(f"Tracker.close: status={status!r}, choose one of {list(_STATUSES)}")
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker is not None:
+            client, run_id = self._worker._client, self.run_id
+            self._worker.submit(lambda: client.set_terminated(run_id, status))
+            if not self._worker.close(self._close_timeout_s):
+                logger.warning("MLflow still busy after %.0fs; %d queued call(s) abandoned "
+                               "(metrics.jsonl is complete)", self._close_timeout_s,
+                               self._worker.pending())
+            elif self._worker.dropped:
+                logger.info("%d MLflow call(s) skipped after the failure", self._worker.dropped)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("KILLED")
+        else:
+            self.close("FAILED")
