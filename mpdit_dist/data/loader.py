@@ -1,0 +1,265 @@
+"""Global batches from latent shards: exactly once per epoch, resumable across world sizes.
+
+``build_loader(cfg.data, rank=r, world_size=W, seed=s)`` returns a :class:`ShardLoader`; each
+``next()`` gives this rank's part of one global optimizer step (see :mod:`mpdit_dist.data.order`
+for the order and its guarantees). Reading happens in DataLoader worker processes: item ``k`` of
+the underlying map-style dataset is the whole rank-batch of global step ``k``, so the DataLoader's
+in-order delivery keeps the order fixed whatever the number of workers, and prefetching reads
+ahead whole steps.
+
+The state (``state_dict()``) is a handful of integers: the step counter and the stream position
+it corresponds to, plus what must match on load (global batch, dataset fingerprint, seed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import manifest as mf
+from .order import GlobalOrder, sample_seed
+from .sources import Source, open_source
+
+STATE_VERSION = 1
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset: item ``k`` is rank ``rank``'s slice of global step ``k``."""
+
+    def __init__(self, source: Source, order: GlobalOrder, *, rank: int, rank_batch: int,
+                 global_batch: int, base_step: int, base_position: int, normalize: bool):
+        self.source = source
+        self.order = order
+        self.rank = rank
+        self.rank_batch = rank_batch
+        self.global_batch = global_batch
+        self.base_step = base_step
+        self.base_position = base_position
+        self.normalize = normalize
+        man = source.manifest
+        self.shape = tuple(man["latent_shape"])
+        self.moments = man.get("store", "sample") == "moments"
+        self.flip = bool(man.get("flip", False))
+
+    def position(self, step: int) -> int:
+        """Stream position of the first sample of global step ``step``."""
+        return self.base_position + (step - self.base_step) * self.global_batch
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        start = self.position(step) + self.rank * self.rank_batch
+        indices, epochs = self.order.lookup(start, start + self.rank_batch)
+        b = self.rank_batch
+        center = np.empty((b, *self.shape), dtype=np.float32)
+        std = np.empty((b, *self.shape), dtype=np.float32) if self.moments else None
+        eps = torch.empty((b, *self.shape), dtype=torch.float32) if self.moments else None
+        labels = np.empty(b, dtype=np.int64)
+        keys: list[str] = []
+        gen = torch.Generator()
+        for j, (index, epoch) in enumerate(zip(indices.tolist(), epochs.tolist())):
+            rec = self.source.read(index)
+            keys.append(rec["key"])
+            labels[j] = rec["label"]
+            # the randomness of a sample depends on (seed, epoch, index) only, never on rank/worker
+            gen.manual_seed(sample_seed(self.order.seed, epoch, index, salt=1))
+            prefix = ""
+            if self.flip and bool(torch.rand((), generator=gen) < 0.5):
+                prefix = "flip_"
+            if self.moments:
+                center[j] = rec[prefix + "mean"]
+                std[j] = rec[prefix + "std"]
+                torch.randn(self.shape, generator=gen, out=eps[j])
+            else:
+                center[j] = rec[prefix + "latent"]
+        x = torch.from_numpy(center)
+        if self.moments:
+            x.addcmul_(torch.from_numpy(std), eps)
+        x = mf.normalize(x, self.source.manifest, normalized=self.normalize)
+        return {"x": x.contiguous(), "y": torch.from_numpy(labels), "keys": keys, "step": step}
+
+    def __len__(self) -> int:  # endless stream; DataLoader only needs this for warnings
+        return 2**62
+
+
+class _Steps(torch.utils.data.Sampler):
+    """Yields global step numbers ``start, start + 1, ...`` forever."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield k
+            k += 1
+
+
+class ShardLoader:
+    """Iterator over this rank's part of successive global batches, with resumable state.
+
+    Attributes: ``manifest`` (parsed), ``steps_per_epoch`` (``ceil(N / G)``: global batches
+    to see every sample at least once; batches straddle epoch boundaries), ``epoch`` (epoch of
+    the next sample to be read), ``step`` (global batches delivered so far).
+    """
+
+    def __init__(self, cfg, source: Source, *, rank: int, world_size: int, seed: int,
+                 run_dir: Optional[str] = None):
+        self.cfg = cfg
+        self.source = source
+        self.manifest = source.manifest
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = int(seed)
+        self.global_batch = int(cfg.global_batch_size)
+        self.rank_batch = self.global_batch // world_size
+        self.num_samples = source.num_samples
+        self.order = GlobalOrder(self.num_samples, self.seed, cfg.shuffle)
+        self.dataset_id = mf.dataset_id(self.manifest)
+        self.step = 0
+        self._base_step = 0
+        self._base_position = 0
+        self._it = None
+        self._dl = None
+        self._audit = None
+        if cfg.audit:
+            if not run_dir:
+                raise ValueError("data.audit=true needs a run directory (build_loader(..., run_dir=...))")
+            audit_dir = Path(run_dir) / "audit"
+            audit_dir.mkdir(parents=True, exist_ok=True)
+            self._audit_path = audit_dir / f"rank{rank}.jsonl"
+
+    # ---------------------------------------------------------------------------------- iteration
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.global_batch)
+
+    @property
+    def samples_seen(self) -> int:
+        """Stream positions consumed by the global batches delivered so far (all ranks)."""
+        return self._base_position + (self.step - self._base_step) * self.global_batch
+
+    @property
+    def epoch(self) -> int:
+        return self.samples_seen // self.num_samples
+
+    def _make_iter(self):
+        ds = StepBatches(self.source, self.order, rank=self.rank, rank_batch=self.rank_batch,
+                         global_batch=self.global_batch, base_step=self._base_step,
+                         base_position=self._base_position, normalize=self.cfg.normalize)
+        workers = int(self.cfg.num_workers)
+        self._dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, sampler=_Steps(self.step), num_workers=workers,
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
+            persistent_workers=False)
+        return iter(self._dl)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = self._make_iter()
+        batch = next(self._it)
+        if batch["step"] != self.step:  # DataLoader delivers in order; this guards our bookkeeping
+            raise RuntimeError(f"data loader out of order: got step {batch['step']}, expected {self.step}")
+        self.step += 1
+        if self.cfg.audit:
+            self._write_audit(batch["step"], batch["keys"])
+        return {"x": batch["x"], "y": batch["y"], "keys": batch["keys"]}
+
+    def _write_audit(self, step: int, keys: list[str]) -> None:
+        if self._audit is None:
+            self._audit = open(self._audit_path, "a", buffering=1)
+        self._audit.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``next()`` starts new ones at the current step)."""
+        self._it = None
+        self._dl = None
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+
+    # -------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Small JSON-able state; identical on every rank (it does not depend on rank or world)."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "base_step": self._base_step,
+            "base_position": self._base_position,
+            "global_batch_size": self.global_batch,
+            "num_samples": self.num_samples,
+            "dataset_id": self.dataset_id,
+            "seed": self.seed,
+            "shuffle": bool(self.cfg.shuffle),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], allow_batch_change: bool = False) -> None:
+        """Continue exactly where ``state`` left off (any world size with the same global batch).
+
+        A different global batch or dataset changes which samples make up the remaining batches;
+        that is refused unless ``allow_batch_change=True``, in which case the stream continues at
+        the same sample position (the rest of the current epoch is still seen exactly once).
+        A different seed or shuffle setting would change the order itself and is always refused.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["seed"] != self.seed or state["shuffle"] != bool(self.cfg.shuffle):
+            raise ValueError(f"data loader state was saved with seed={state['seed']}, shuffle={state['shuffle']}; "
+                             f"this run has train.seed={self.seed}, data.shuffle={bool(self.cfg.shuffle)}")
+        changes = []
+        if state["global_batch_size"] != self.global_batch:
+            changes.append(f"data.global_batch_size {state['global_batch_size']} -> {self.global_batch}")
+        if state["num_samples"] != self.num_samples or state["dataset_id"] != self.dataset_id:
+            changes.append(f"dataset {state['dataset_id']} ({state['num_samples']} samples) -> "
+                           f"{self.dataset_id} ({self.num_samples} samples)")
+        if changes and not allow_batch_change:
+            raise ValueError("cannot resume the data loader exactly: " + "; ".join(changes)
+                             + ". Pass allow_batch_change=True (checkpoint.allow_batch_change=true) to continue anyway")
+        self.close()
+        self.step = int(state["step"])
+        if changes:
+            warnings.warn("resuming the data loader with " + "; ".join(changes) + f": continuing at sample position "
+                          f"{state['samples_seen']} (epoch {state['samples_seen'] // self.num_samples}); the batches "
+                          f"from here differ from the original run's", stacklevel=2)
+            self._base_step = self.step
+            self._base_position = int(state["samples_seen"])
+        else:
+            self._base_step = int(state["base_step"])
+            self._base_position = int(state["base_position"])
+
+
+def build_loader(cfg, *, rank: int, world_size: int, seed: int, run_dir: Optional[str] = None) -> ShardLoader:
+    """The data loader of one rank for ``cfg`` (a :class:`mpdit_dist.config.DataConfig`)."""
+    g = int(cfg.global_batch_size)
+    if g < 1 or g % world_size:
+        raise ValueError(f"data.global_batch_size={g} is not divisible by the world size {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if cfg.audit and not run_dir:
+        raise ValueError("data.audit=true needs a run directory (build_loader(..., run_dir=...))")
+    source = open_source(cfg.format, cfg.path, cfg.remote, cfg.cache_dir)
+    return ShardLoader(cfg, source, rank=rank, world_size=world_size, seed=seed, run_dir=run_dir)
+
+
+def read_audit(run_dir: str) -> dict[int, dict[int, list[str]]]:
+    """``{rank: {step: keys}}`` from ``<run_dir>/audit/rank*.jsonl`` (a later line for a step wins)."""
+    out: dict[int, dict[int, list[str]]] = {}
+    for p in sorted((Path(run_dir) / "audit").glob("rank*.jsonl")):
+        rank = int(p.stem[4:])
+        steps = out.setdefault(rank, {})
+        for line in p.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                steps[rec["step"]] = rec["keys"]
+    return out
+
+
+__all__ = ["ShardLoader", "StepBatches", "build_loader", "read_audit"]

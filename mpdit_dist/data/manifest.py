@@ -1,0 +1,190 @@
+"""The on-disk layout of a latent dataset and its ``manifest.json``.
+
+Shared by the writer (``data_prep.encode``) and the readers in this package, so both agree on
+file names and fields without either importing the other's internals.
+
+Layout of a dataset root (everything ``data_prep.encode`` writes)::
+
+    <root>/manifest.json          what is in the dataset (see below); written last
+    <root>/encode_config.json     the encode configuration; a rerun with another one is refused
+    <root>/parts/part-000012.json one record per finished shard (the commit point of a shard)
+    <root>/mds/index.json         Streaming index merged over all parts (``streaming.base.util.merge_index``)
+    <root>/mds/part-000012/       one MDS sub-dataset per shard (index.json + shard.00000.mds)
+    <root>/wds/shard-000012.tar   one WebDataset tar per shard
+    <root>/wds/shard-000012.idx.json  every sample's key and member byte offsets in that tar
+
+Sample ``i`` of the dataset (``0 <= i < num_samples``) is the same sample in both formats: shards
+are taken in shard-id order and samples in write order within a shard.
+
+Sample fields (names in MDS columns; WebDataset members are ``<key>.<field>.npy`` etc.):
+
+* ``key``   unique, stable key: the image's index in the sorted ImageFolder listing (``%09d``).
+* ``label`` class index (sorted folder order).
+* ``path``  the source image, relative to the ImageFolder root (for audits).
+* ``latent``                       store=sample: one latent, fp16, shape ``latent_shape``.
+* ``mean``, ``std``                store=moments: the posterior mean and std, fp16.
+* ``flip_latent`` / ``flip_mean``, ``flip_std``  with ``flip``: the same for the mirrored image.
+
+Latents are stored raw (as the encoder returns them, without the scaling factor).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+ENCODE_CONFIG = "encode_config.json"
+PARTS_DIR = "parts"
+MDS_DIR = "mds"
+WDS_DIR = "wds"
+MANIFEST_VERSION = 1
+
+
+def part_name(shard_id: int) -> str:
+    return f"part-{shard_id:06d}"
+
+
+def wds_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.tar"
+
+
+def wds_index_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.idx.json"
+
+
+def sample_key(image_index: int) -> str:
+    # digits only: no dots (webdataset splits member names at the first dot) and sortable
+    return f"{image_index:09d}"
+
+
+def latent_fields(store: str, flip: bool) -> list[str]:
+    """The array fields one sample carries, in a fixed order."""
+    base = ["latent"] if store == "sample" else ["mean", "std"]
+    return base + (["flip_" + f for f in base] if flip else [])
+
+
+def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Read ``manifest.json`` from a dataset root (or the file itself) and check its fields."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no manifest at {path}: run `python -m data_prep.encode` (or its --finalize step) first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    required = ("latent_shape", "num_classes", "latent_mean", "latent_std", "encoder", "num_samples")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {missing}")
+    channels = manifest["latent_shape"][0]
+    for key in ("latent_mean", "latent_std"):
+        if len(manifest[key]) != channels:
+            raise ValueError(f"{path}: {key} has {len(manifest[key])} entries, latent_shape has {channels} channels")
+    if any(s <= 0 for s in manifest["latent_std"]):
+        raise ValueError(f"{path}: latent_std must be positive, got {manifest['latent_std']}")
+    return manifest
+
+
+def _channel_view(manifest: dict[str, Any], x: torch.Tensor, key: str) -> torch.Tensor:
+    v = torch.as_tensor(manifest[key], dtype=x.dtype, device=x.device)
+    return v.view(1, -1, *([1] * (x.dim() - 2))) if x.dim() >= 2 else v
+
+
+def normalize(x: torch.Tensor, manifest: dict[str, Any], normalized: bool = True) -> torch.Tensor:
+    """Encoder latents ``(N, C, ...)`` -> model space.
+
+    ``normalized=True``: per-channel standardisation with the manifest's ``latent_mean``/``latent_std``
+    (what ``data.normalize=true`` gives). ``normalized=False``: multiply by the encoder's
+    ``scaling_factor`` (the usual Stable-Diffusion/DiT convention; 1.0 for ``identity``).
+    """
+    if normalized:
+        return (x - _channel_view(manifest, x, "latent_mean")) / _channel_view(manifest, x, "latent_std")
+    return x * float(manifest["encoder"].get("scaling_factor", 1.0))
+
+
+def denormalize(x: torch.Tensor, manifest: dict[str, Any], normalized: bool = True) -> torch.Tensor:
+    """Model space -> encoder latents (the inverse of :func:`normalize`).
+
+    The result is what the encoder produced: feed it to ``vae.decode`` directly (no scaling
+    factor to apply), or for ``identity`` it is the image in [-1, 1].
+    """
+    if normalized:
+        return x * _channel_view(manifest, x, "latent_std") + _channel_view(manifest, x, "latent_mean")
+    return x / float(manifest["encoder"].get("scaling_factor", 1.0))
+
+
+def channel_stats_init(channels: int) -> dict[str, Any]:
+    return {"count": 0, "sum": [0.0] * channels, "sumsq": [0.0] * channels, "var_sum": [0.0] * channels}
+
+
+def channel_stats_add(stats: dict[str, Any], center: np.ndarray, std: np.ndarray | None = None) -> None:
+    """Accumulate per-channel sums of a batch ``(N, C, H, W)`` of latents (float64).
+
+    ``center`` is the stored latent or posterior mean; ``std`` the posterior std if stored, so the
+    statistics describe the latents the trainer actually draws: ``mean + std * eps``.
+    """
+    c = center.astype(np.float64)
+    stats["count"] += int(c.shape[0] * c.shape[2] * c.shape[3])
+    stats["sum"] = (np.asarray(stats["sum"]) + c.sum(axis=(0, 2, 3))).tolist()
+    stats["sumsq"] = (np.asarray(stats["sumsq"]) + (c * c).sum(axis=(0, 2, 3))).tolist()
+    if std is not None:
+        s = std.astype(np.float64)
+        stats["var_sum"] = (np.asarray(stats["var_sum"]) + (s * s).sum(axis=(0, 2, 3))).tolist()
+
+
+def channel_stats_merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    out = channel_stats_init(len(parts[0]["sum"]))
+    for p in parts:  # fixed order -> identical floats whoever merges
+        out["count"] += p["count"]
+        for k in ("sum", "sumsq", "var_sum"):
+            out[k] = [a + b for a, b in zip(out[k], p[k])]
+    return out
+
+
+def channel_stats_final(stats: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of drawn latents: Var = Var(center) + E[std^2]."""
+    n = max(stats["count"], 1)
+    mean = np.asarray(stats["sum"]) / n
+    var = np.asarray(stats["sumsq"]) / n - mean * mean + np.asarray(stats["var_sum"]) / n
+    std = np.sqrt(np.maximum(var, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
+    """Write JSON to a temp name in the same directory, fsync, then rename (never half-visible)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dataset_id(manifest: dict[str, Any]) -> str:
+    """A short fingerprint of the dataset content (shard checksums), stored in loader state."""
+    h = hashlib.sha256()
+    h.update(str(manifest.get("num_samples")).encode())
+    for shard in manifest.get("shards", []):
+        h.update(json.dumps(shard.get("checksums", {}), sort_keys=True).encode())
+    if not manifest.get("shards"):
+        h.update(json.dumps(manifest.get("content_sha256", "")).encode())
+    return h.hexdigest()[:16]
