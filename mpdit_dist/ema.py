@@ -1,0 +1,81 @@
+"""Exponential moving average of the weights, sharded like the weights.
+
+The EMA keeps one tensor per parameter, cloned from the parameter itself: under FSDP2 that is a
+DTensor with the same sharding, so no rank ever holds the whole EMA; under DDP or one process it
+is a plain tensor. Updates run on the local shards with one ``torch._foreach_lerp_``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+_WRAPPER_TOKENS = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+
+
+def clean_name(name: str) -> str:
+    """Parameter name without the wrappers' prefixes (activation checkpointing, compile, DDP)."""
+    for token in _WRAPPER_TOKENS:
+        name = name.replace(token, "")
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, start_step: int = 0):
+        self.decay = decay
+        self.warmup = warmup
+        self.start_step = start_step
+        self.names = [clean_name(n) for n, _ in model.named_parameters()]
+        with torch.no_grad():
+            self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    def decay_at(self, step: int) -> float:
+        """Decay for the update after optimizer step ``step`` (1-based). With warm-up the decay
+        grows as (1 + n) / (10 + n) until it reaches ``decay``: a short run's EMA is not stuck near
+        the initial weights."""
+        if step <= self.start_step:
+            return 0.0  # copy the weights until EMA starts
+        if not self.warmup:
+            return self.decay
+        n = step - self.start_step
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        params = [_local(p.detach()) for p in model.parameters()]
+        torch._foreach_lerp_([_local(s) for s in self.shadow], params, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {missing[:5]}")
+        with torch.no_grad():
+            for name, s in zip(self.names, self.shadow):
+                src = state[name]
+                if src is not s:
+                    _local(s).copy_(_local(src))
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily put the EMA weights into ``model`` (shard by shard), e.g. to sample."""
+        params = list(model.parameters())
+        with torch.no_grad():
+            backup = [_local(p.detach()).clone() for p in params]
+            for p, s in zip(params, self.shadow):
+                _local(p.detach()).copy_(_local(s))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    _local(p.detach()).copy_(b)

@@ -1,0 +1,142 @@
+"""Consolidated weights from any checkpoint, and weights-only warm starts.
+
+``python -m mpdit_dist.export RUN_DIR_OR_CHECKPOINT --out FILE.safetensors [--ema]``
+
+Reads a sharded checkpoint (torch.distributed.checkpoint) in one process, with no process group
+and no GPU, and writes one safetensors file whose metadata holds the model architecture, the data
+manifest and where it came from. Nothing here unpickles code: safetensors, DCP tensors, JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from .checkpoint import CheckpointManager, verify
+from .models import MPDiT, ModelArgs
+
+
+def _resolve_checkpoint(run_dir: Optional[str], checkpoint: Optional[str]) -> Path:
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        problem = verify(path)
+        if problem:
+            raise RuntimeError(f"checkpoint {path} is damaged: {problem}")
+        return path
+    if not run_dir:
+        raise ValueError("give a run directory or a checkpoint directory")
+    found = CheckpointManager(Path(run_dir)).find_latest()
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
+    return found
+
+
+def _model_args_from_state(tstate: dict[str, Any]) -> ModelArgs:
+    from .config import from_dict, model_args_from
+
+    return model_args_from(from_dict(tstate["config"]).model)
+
+
+def load_checkpoint_weights(run_dir: Optional[str] = None, checkpoint: Optional[str] = None,
+                            use_ema: bool = True) -> tuple[MPDiT, dict[str, Any], dict[str, Any]]:
+    """(plain model with the checkpoint's weights, data manifest, info) on CPU."""
+    path = _resolve_checkpoint(run_dir, checkpoint)
+    tstate = json.loads((path / "trainer.json").read_text())
+    args = _model_args_from_state(tstate)
+    model = MPDiT(args)
+    key = "ema" if use_ema else "model"
+    if tstate.get("backend") == "deepspeed" and (path / "deepspeed").is_dir():
+        from .distributed.deepspeed_backend import load_consolidated
+
+        sd = load_consolidated(path, key)
+    else:
+        sd = {k: v for k, v in model.state_dict().items()}
+        # without a process group DCP reads in one process, whatever world size wrote the shards
+        dcp.load({key: sd}, checkpoint_id=str(path))
+    model.load_state_dict(sd)
+    manifest = tstate.get("manifest") or _manifest_of(tstate)
+    info = {"source": str(path), "step": tstate.get("step"), "config": tstate.get("config", {}), "ema": use_ema}
+    return model, manifest, info
+
+
+def _manifest_of(tstate: dict[str, Any]) -> dict[str, Any]:
+    from .data import read_manifest
+
+    data = tstate.get("config", {}).get("data", {})
+    root = data.get("path")
+    if data.get("format") != "memory" and root and (Path(root) / "manifest.json").is_file():
+        return read_manifest(Path(root) / "manifest.json")
+    return {}
+
+
+def save_exported(model: MPDiT, out: str | Path, meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"model_args": json.dumps(model.args.to_dict())}
+    header.update({k: json.dumps(v) for k, v in meta.items()})
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out), metadata=header)
+    return out
+
+
+def load_exported(path: str | Path) -> tuple[MPDiT, dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if "model_args" not in header:
+        raise ValueError(f"{path}: no model_args in the safetensors metadata (not written by mpdit_dist.export)")
+    margs = json.loads(header["model_args"])
+    margs["stages"] = tuple(tuple(s) for s in margs["stages"])
+    model = MPDiT(ModelArgs(**margs))
+    model.load_state_dict(load_file(str(path)))
+    meta = {k: json.loads(v) for k, v in header.items() if k != "model_args"}
+    return model, meta
+
+
+def load_weights_into(model: MPDiT, source: str) -> None:
+    """Warm start (``train.init_from``): weights only, from an export or an official checkpoint."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    if path.suffix == ".safetensors":
+        other, _ = load_exported(path)
+    elif path.is_dir():
+        other, _, _ = load_checkpoint_weights(checkpoint=str(path))
+    else:
+        from .models.official import load_official
+
+        other = load_official(path)
+    if other.args.stages != model.args.stages or other.args.hidden_size != model.args.hidden_size:
+        raise ValueError(
+            f"train.init_from={source}: architecture {other.args.stages} width {other.args.hidden_size} does not "
+            f"match the configured model {model.args.stages} width {model.args.hidden_size}"
+        )
+    model.load_state_dict(other.state_dict())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="Export consolidated weights from a (sharded) checkpoint")
+    ap.add_argument("source", help="a run directory (newest checkpoint) or a checkpoint directory step_*")
+    ap.add_argument("--out", required=True, help="output .safetensors")
+    ap.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw weights)")
+    args = ap.parse_args(argv)
+    src = Path(args.source)
+    is_ckpt = (src / "trainer.json").is_file()
+    model, manifest, info = load_checkpoint_weights(run_dir=None if is_ckpt else str(src),
+                                                   checkpoint=str(src) if is_ckpt else None, use_ema=args.ema)
+    out = save_exported(model, args.out, {"manifest": manifest, "source": info["source"], "step": info["step"],
+                                          "ema": args.ema, "config": info["config"]})
+    print(f"exported {info['source']} (step {info['step']}, {'EMA' if args.ema else 'raw'} weights) -> {out}")
+
+
+if __name__ == "__main__":
+    main()

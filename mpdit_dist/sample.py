@@ -1,0 +1,188 @@
+"""Sampling: from a run directory (newest checkpoint, EMA weights) or an exported weights file.
+
+``python -m mpdit_dist.sample --run-dir DIR [--num-per-class N | --num-samples N] [--cfg-scale S]
+[--sampler euler|heun|dopri5|euler_maruyama] [--steps K] [--seed S] [--out FILE.npz] [--grid FILE.png]``
+
+Latents are mapped back through the run's encoder (the VAE, or identity for pixel-space data)
+and written as ADM's evaluator reads them: ``arr_0`` uint8 N x H x W x C, ``arr_1`` the labels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .flow import guided_velocity, sample
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation, decoding, grids
+# ------------------------------------------------------------------------------------------------
+
+def initial_noise(n: int, shape: Sequence[int], seed: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """Noise of samples [offset, offset + n) of a seeded stream: sample i's noise depends only on
+    (seed, i), so a job split over ranks or resumed in parts gives the same samples."""
+    out = torch.empty((n, *shape))
+    for j in range(n):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + offset + j)
+        out[j] = torch.randn(tuple(shape), generator=g)
+    return out.to(device)
+
+
+@torch.no_grad()
+def generate(model, args, classes: Sequence[int], *, seed: int, cfg_scale: float = 1.0, sampler: str = "euler",
+             steps: int = 50, device: torch.device, bf16: bool = False, guidance_interval=None,
+             offset: int = 0) -> torch.Tensor:
+    """Latents (model space, i.e. normalised) for the given classes."""
+    shape = (args.in_channels, args.input_size, args.input_size)
+    noise = initial_noise(len(classes), shape, seed, device, offset)
+    y = torch.as_tensor(list(classes), device=device, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+
+    def fwd(x, t, yy):
+        if bf16:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                return model(x, t, yy).float()
+        return model(x, t, yy)
+
+    v = guided_velocity(fwd, args.num_classes, cfg_scale, guidance_interval)
+    gen = torch.Generator(device=device).manual_seed(seed + offset)
+    try:
+        return sample(v, noise, y, sampler=sampler, steps=steps, generator=gen)
+    finally:
+        model.train(was_training)
+
+
+_VAE_CACHE: dict[str, Any] = {}
+
+
+def decode_to_uint8(latents: torch.Tensor, manifest: dict[str, Any], device: torch.device,
+                    normalized: bool = True) -> np.ndarray:
+    """Model-space latents -> uint8 images (N, H, W, C) through the manifest's encoder."""
+    from .data import denormalize
+
+    z = denormalize(latents.float(), manifest, normalized)
+    enc = manifest.get("encoder", {})
+    kind = enc.get("id", enc.get("name", "identity")) if isinstance(enc, dict) else str(enc)
+    if kind in ("identity", "memory"):  # pixel-space data: the latents are the images in [-1, 1]
+        imgs = z
+    else:
+        from diffusers.models import AutoencoderKL
+
+        path = enc.get("path") or kind
+        if path not in _VAE_CACHE:
+            _VAE_CACHE[path] = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
+        vae = _VAE_CACHE[path]
+        scale = float(enc.get("scaling_factor", 0.18215))
+        with torch.no_grad():
+            imgs = vae.decode(z.to(device) / scale).sample
+    imgs = ((imgs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return imgs.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: Optional[int] = None, pad: int = 2, upscale: int = 0) -> Path:
+    """Write N x H x W x C uint8 images as one PNG grid. Small images are upscaled for viewing."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    ncol = ncol or min(n, 8)
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    im = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    factor = upscale or max(1, 256 // max(h, w))
+    if factor > 1:
+        im = im.resize((im.width * factor, im.height * factor), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a model to sample from
+# ------------------------------------------------------------------------------------------------
+
+def load_for_sampling(run_dir: Optional[str] = None, checkpoint: Optional[str] = None, use_ema: bool = True,
+                      device: torch.device = torch.device("cpu")):
+    """(model, manifest, info) from a run dir / checkpoint dir (sharded) or an exported file."""
+    from .export import load_checkpoint_weights, load_exported
+
+    if checkpoint and Path(checkpoint).suffix == ".safetensors":
+        model, meta = load_exported(checkpoint)
+        manifest = meta.get("manifest") or {}
+        return model.to(device), manifest, {"source": checkpoint}
+    model, manifest, info = load_checkpoint_weights(run_dir=run_dir, checkpoint=checkpoint, use_ema=use_ema)
+    return model.to(device), manifest, info
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="Sample from a trained MPDiT")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="run directory: newest checkpoint, EMA weights")
+    src.add_argument("--checkpoint", help="a checkpoint directory (step_*) or an exported .safetensors")
+    ap.add_argument("--num-per-class", type=int, default=None)
+    ap.add_argument("--num-samples", type=int, default=None)
+    ap.add_argument("--classes", type=str, default=None, help="comma-separated class indices (default: all)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the run's train.sample_cfg_scale")
+    ap.add_argument("--guidance-interval", type=str, default=None, help="lo,hi in t")
+    ap.add_argument("--sampler", default="euler", choices=["euler", "heun", "dopri5", "euler_maruyama"])
+    ap.add_argument("--steps", type=int, default=None, help="default: the run's train.sample_steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--out", default=None, help="npz path (default: <run-dir>/samples/samples.npz)")
+    ap.add_argument("--grid", default=None, help="png path (default: beside the npz)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          (args.device if args.device != "auto" else "cpu"))
+    model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device)
+    margs = model.args
+    run_cfg = info.get("config", {}).get("train", {})
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else float(run_cfg.get("sample_cfg_scale", 1.0))
+    steps = args.steps if args.steps is not None else int(run_cfg.get("sample_steps", 50))
+    if args.classes:
+        classes_all = [int(c) for c in args.classes.split(",")]
+    else:
+        classes_all = list(range(manifest.get("num_classes", margs.num_classes)))
+    bad = [c for c in classes_all if not 0 <= c < margs.num_classes]
+    if bad:
+        ap.error(f"--classes {bad} outside [0, {margs.num_classes})")
+    if args.num_samples is not None:
+        g = np.random.default_rng(args.seed)
+        labels = g.choice(classes_all, size=args.num_samples).tolist()
+    else:
+        labels = [c for c in classes_all for _ in range(args.num_per_class or 8)]
+    interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
+    bf16 = device.type == "cuda"
+    images = []
+    for start in range(0, len(labels), args.batch_size):
+        chunk = labels[start:start + args.batch_size]
+        lat = generate(model, margs, chunk, seed=args.seed, cfg_scale=cfg_scale, sampler=args.sampler, steps=steps,
+                       device=device, bf16=bf16, guidance_interval=interval, offset=start)
+        images.append(decode_to_uint8(lat, manifest, device))
+    arr = np.concatenate(images)
+    out = Path(args.out) if args.out else Path(args.run_dir or Path(args.checkpoint).parent.parent) / "samples" / "samples.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, arr_0=arr, arr_1=np.asarray(labels, dtype=np.int64))
+    settings = {"sampler": args.sampler, "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": interval,
+                "seed": args.seed, "num_samples": len(labels), "ema": not args.no_ema, "source": info.get("source")}
+    out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
+    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+    ncol = args.num_per_class if (args.num_samples is None and args.num_per_class) else None
+    save_grid(arr[: min(len(arr), 256)], grid, ncol=ncol)
+    print(f"wrote {len(arr)} samples to {out} (settings in {out.with_suffix('.json')}), grid {grid}")
+
+
+if __name__ == "__main__":
+    main()

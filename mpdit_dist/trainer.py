@@ -1,0 +1,480 @@
+"""The training loop: build -> resume -> step -> log -> checkpoint -> sample.
+
+One loop for every backend (none, DDP, FSDP2, DeepSpeed). The global batch is fixed by the
+config; each rank takes ``global / world`` samples per optimizer step, in micro-batches of
+``data.micro_batch_size`` with gradient accumulation. The random part of a step (t, noise, class
+dropout) is drawn for the whole global batch from a generator keyed by (seed, step) and sliced per
+rank, so the same run on 1 or N ranks computes the same loss, and a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import config as C
+from . import preemption
+from .checkpoint import CheckpointManager, code_version
+from .distributed.env import DistInfo, init_distributed, shutdown
+from .ema import EMA, clean_name
+from .flops import device_peak_flops, train_flops_per_image
+from .flow import FlowMatching
+
+log = logging.getLogger("mpdit_dist.trainer")
+
+
+# ------------------------------------------------------------------------------------------------
+# Small builders
+# ------------------------------------------------------------------------------------------------
+
+def resolve_backend(cfg: C.Config, world_size: int) -> str:
+    b = cfg.parallel.backend
+    if b == "auto":
+        return "ddp" if world_size > 1 else "none"
+    return b
+
+
+def use_bf16(cfg: C.Config, device: torch.device) -> bool:
+    if cfg.train.precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.precision == "bf16"
+
+
+def lr_lambda(ocfg: C.OptimConfig, total_steps: int):
+    def fn(step: int) -> float:  # step: optimizer steps taken so far
+        if ocfg.warmup_steps > 0 and step < ocfg.warmup_steps:
+            return (step + 1) / ocfg.warmup_steps
+        if ocfg.schedule == "cosine":
+            span = max(1, total_steps - ocfg.warmup_steps)
+            progress = min(1.0, (step - ocfg.warmup_steps) / span)
+            return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+def build_optimizer(params, ocfg: C.OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = ocfg.fused if ocfg.fused is not None else device.type == "cuda"
+    kwargs: dict[str, Any] = {"lr": ocfg.lr, "betas": tuple(ocfg.betas), "eps": ocfg.eps,
+                              "weight_decay": ocfg.weight_decay}
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``: a function of (seed, step) only, never of rank."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1))
+    return g
+
+
+def split_batch(global_batch: int, world: int, micro: Optional[int]) -> tuple[int, int, int]:
+    """(per-rank batch, micro-batch, accumulation steps), with errors that name the keys."""
+    if global_batch % world:
+        raise C.ConfigError(
+            f"data.global_batch_size={global_batch} is not divisible by the world size {world}"
+        )
+    per_rank = global_batch // world
+    micro = micro or per_rank
+    if micro < 1 or per_rank % micro:
+        raise C.ConfigError(
+            f"data.micro_batch_size={micro} does not divide the per-rank batch {per_rank} "
+            f"(data.global_batch_size={global_batch} over {world} ranks)"
+        )
+    return per_rank, micro, per_rank // micro
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: C.Config, run_dir: str | Path, resume: str = "auto"):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.dist: DistInfo = init_distributed(
+            cfg.train.device, need_group=cfg.parallel.backend in ("fsdp2", "deepspeed")
+        )
+        self.device = self.dist.device
+        self.backend = resolve_backend(cfg, self.dist.world_size)
+        if self.backend == "ddp" and self.dist.world_size == 1:
+            self.backend = "none"  # DDP over one rank only adds hooks
+        self.bf16 = use_bf16(cfg, self.device)
+        self.per_rank, self.micro, self.accum = split_batch(
+            cfg.data.global_batch_size, self.dist.world_size, cfg.data.micro_batch_size
+        )
+        self.step = 0
+        self.tracker = None
+        self.engine = None  # DeepSpeed engine, when that backend is used
+
+    # -------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, d = self.cfg, self.dist
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            C.save_config(cfg, self.run_dir / "config.yaml")
+        if d.distributed:
+            dist.barrier()
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        from .data import build_loader
+
+        self.loader = build_loader(cfg.data, rank=d.rank, world_size=d.world_size, seed=cfg.train.seed,
+                                   run_dir=str(self.run_dir))
+        self.manifest = self.loader.manifest
+        self.model_args = C.model_args_from(cfg.model)
+        self._check_data_fits_model()
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and run
+        from .models import MPDiT
+
+        model = MPDiT(self.model_args)
+        if cfg.train.init_from:
+            from .export import load_weights_into
+
+            load_weights_into(model, cfg.train.init_from)
+        self.model_args = model.args
+        self.flops_per_image = train_flops_per_image(self.model_args)
+        model.to(self.device)
+        self.flow = FlowMatching.from_config(cfg.flow, self.model_args.num_classes)
+        self.sample_shape = (self.model_args.in_channels, self.model_args.input_size, self.model_args.input_size)
+
+        if self.backend == "deepspeed":
+            from .distributed.deepspeed_backend import build_engine
+
+            self.raw_model = model
+            self.engine, self.optimizer, self.scheduler = build_engine(
+                model, cfg, self.dist, self.micro, self.accum, lr_lambda(cfg.optim, cfg.train.steps), self.bf16
+            )
+            self.model = self.engine
+        else:
+            from .distributed.parallelize import parallelize
+
+            self.raw_model = model
+            self.model = parallelize(model, cfg.parallel, d, self.backend, mixed_precision=self.bf16)
+            self.optimizer = build_optimizer(self.raw_model.parameters(), cfg.optim, self.device)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.steps))
+        self.ema = EMA(self.raw_model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
+        self.ckpt = CheckpointManager(self.run_dir, rank=d.rank, keep_last=cfg.checkpoint.keep_last,
+                                      keep_every=cfg.checkpoint.keep_every)
+        self.peak_flops = device_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+
+    def _check_data_fits_model(self) -> None:
+        m, a = self.manifest, self.model_args
+        shape = list(m.get("latent_shape", []))
+        want = [a.in_channels, a.input_size, a.input_size]
+        if shape and shape != want:
+            raise C.ConfigError(
+                f"data at {self.cfg.data.path} holds latents of shape {shape}, but the model expects {want}: "
+                f"set model.in_channels={shape[0]} model.input_size={shape[1]}"
+            )
+        n = m.get("num_classes")
+        if n is not None and n > a.num_classes:
+            raise C.ConfigError(
+                f"data at {self.cfg.data.path} has {n} classes but model.num_classes={a.num_classes}"
+            )
+
+    # -------------------------------------------------------------------------------------------
+    def _tensor_state(self) -> dict[str, Any]:
+        """Model, EMA and optimizer state under clean parameter names (DCP-friendly)."""
+        if self.engine is not None:
+            from .distributed.deepspeed_backend import tensor_state
+
+            return tensor_state(self)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.raw_model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": self.ema.state_dict()}
+
+    def _set_tensor_state(self, state: dict[str, Any]) -> None:
+        if self.engine is not None:
+            from .distributed.deepspeed_backend import set_tensor_state
+
+            return set_tensor_state(self, state)
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.raw_model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.ema.load_state_dict(state["ema"])
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": getattr(self.loader, "epoch", None),
+            "data": self.loader.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+            "world_size": self.dist.world_size,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "backend": self.backend,
+            "config": C.to_dict(self.cfg),
+            "manifest": self.manifest,
+            "code": code_version(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state())
+        if self.dist.is_main:
+            log.info("saved checkpoint %s", path)
+        return path
+
+    def maybe_resume(self) -> None:
+        self.ckpt.clean_partial()
+        if self.resume == "never":
+            return
+        path = Path(self.resume) if self.resume not in ("auto", "never") else self.ckpt.find_latest()
+        if path is None:
+            return
+        state = self._tensor_state()
+        tstate = self.ckpt.load(path, state)
+        self._set_tensor_state(state)
+        self._check_resumable(tstate, path)
+        self.step = int(tstate["step"])
+        if self.scheduler is not None and tstate.get("scheduler"):
+            self.scheduler.load_state_dict(tstate["scheduler"])
+        self.loader.load_state_dict(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step,
+                     tstate.get("world_size", 0), self.dist.world_size)
+
+    def _check_resumable(self, tstate: dict[str, Any], path: Path) -> None:
+        old = tstate.get("global_batch_size")
+        if old != self.cfg.data.global_batch_size and not self.cfg.checkpoint.allow_batch_change:
+            raise C.ConfigError(
+                f"checkpoint {path} was trained with data.global_batch_size={old}, this run has "
+                f"{self.cfg.data.global_batch_size}: resuming would change the data order and the optimisation. "
+                f"Set checkpoint.allow_batch_change=true to continue anyway."
+            )
+
+    # -------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.bf16 and self.engine is None:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _no_sync(self, last: bool):
+        if last or self.accum == 1:
+            return contextlib.nullcontext()
+        if self.backend == "ddp":
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's part of the global batch. Returns (loss, grad_norm)
+        as device tensors (no host synchronisation)."""
+        x = batch["x"].to(self.device, non_blocking=True)
+        y = batch["y"].to(self.device, non_blocking=True)
+        gen = step_generator(self.cfg.train.seed, self.step, self.device)
+        draw = self.flow.draw(self.cfg.data.global_batch_size, self.sample_shape, gen, self.device)
+        start = self.dist.rank * self.per_rank
+        draw = draw.slice(start, start + self.per_rank)
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            sl = slice(i * self.micro, (i + 1) * self.micro)
+            last = i == self.accum - 1
+            if self.backend == "fsdp2":
+                self.model.set_requires_gradient_sync(last)
+            with self._no_sync(last), self._autocast():
+                per_sample = self.flow.per_sample_loss(self.model, x[sl], y[sl], draw.slice(sl.start, sl.stop))
+                # sum / per-rank batch: accumulation adds up to this rank's mean; the data-parallel
+                # gradient average over ranks then gives the global-batch mean
+                loss = per_sample.sum() / self.per_rank
+            if self.engine is not None:
+                self.engine.backward(loss)
+            else:
+                loss.backward()
+            loss_sum += loss.detach()
+        if self.engine is not None:
+            self.engine.step()
+            grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device)
+        else:
+            clip = self.cfg.optim.grad_clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip if clip > 0 else float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        self.step += 1
+        self.ema.update(self.raw_model, self.step)
+        return loss_sum, grad_norm
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # -------------------------------------------------------------------------------------------
+    def _make_tracker(self):
+        from .tracking import Tracker
+
+        params = C.flatten(C.to_dict(self.cfg))
+        tags = {
+            "model": self.cfg.model.name,
+            "world_size": str(self.dist.world_size),
+            "backend": self.backend,
+            "num_nodes": str(self.dist.num_nodes),
+        }
+        return Tracker(self.cfg.tracking, self.run_dir, rank=self.dist.rank,
+                       results_dir=Path(self.cfg.results_dir), params=params, tags=tags)
+
+    def _reduce_loss(self, loss: torch.Tensor) -> float:
+        if self.dist.distributed:
+            loss = loss.clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= self.dist.world_size
+        return float(loss)
+
+    def sample_grid(self) -> Optional[Path]:
+        from .sample import decode_to_uint8, generate, save_grid
+
+        classes = [c % self.model_args.num_classes for c in self.cfg.train.sample_classes]
+        paths = []
+        with self.ema.swapped_into(self.raw_model):
+            for scale in (1.0, self.cfg.train.sample_cfg_scale):
+                lat = generate(self.model, self.model_args, classes, seed=self.cfg.train.seed, cfg_scale=scale,
+                               sampler=self.cfg.train.sample_sampler, steps=self.cfg.train.sample_steps,
+                               device=self.device, bf16=self.bf16)
+                if self.dist.is_main:
+                    imgs = decode_to_uint8(lat, self.manifest, self.device)
+                    path = self.run_dir / "samples" / f"step_{self.step:08d}_cfg{scale:g}.png"
+                    save_grid(imgs, path)
+                    paths.append(path)
+        if self.dist.is_main and self.tracker is not None:
+            for p in paths:
+                self.tracker.log_artifact(p, "samples")
+        return paths[-1] if paths else None
+
+    def fit(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dist
+        self.build()
+        self.maybe_resume()
+        self.tracker = self._make_tracker()
+        status = "finished"
+        try:
+            status = self._loop()
+        except BaseException:
+            if self.tracker:
+                self.tracker.close("FAILED")
+                self.tracker = None
+            raise
+        finally:
+            if self.tracker:
+                self.tracker.close("FINISHED" if status == "finished" else "KILLED")
+        return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+
+    def _loop(self) -> str:
+        cfg, d = self.cfg, self.dist
+        total = cfg.train.steps
+        if self.step >= total:
+            return "finished"
+        bar = None
+        if d.is_main and cfg.train.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc="train")
+        it = iter(self.loader)
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_data, t_window = 0, 0.0, time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        last_saved = -1
+        while self.step < total:
+            t0 = time.perf_counter()
+            batch = next(it)
+            window_data += time.perf_counter() - t0
+            loss, grad_norm = self.train_step(batch)
+            window_loss += loss
+            window_steps += 1
+            step = self.step
+            if step % cfg.train.log_every == 0 or step == total:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.perf_counter() - t_window
+                loss_v = self._reduce_loss(window_loss / window_steps)
+                img_s = window_steps * cfg.data.global_batch_size / elapsed
+                metrics = {
+                    "loss": loss_v,
+                    "lr": self.current_lr(),
+                    "grad_norm": float(grad_norm),
+                    "img_per_s": img_s,
+                    "img_per_s_per_gpu": img_s / d.world_size,
+                    "data_wait_frac": window_data / elapsed,
+                    "step_time_s": elapsed / window_steps,
+                    "epoch": float(getattr(self.loader, "epoch", 0) or 0),
+                }
+                if self.peak_flops:
+                    metrics["mfu"] = img_s * self.flops_per_image / (self.peak_flops * d.world_size)
+                if self.device.type == "cuda":
+                    metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self.tracker.log_metrics(metrics, step=step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{img_s:.0f}")
+                window_loss.zero_()
+                window_steps, window_data, t_window = 0, 0.0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
+                self.sample_grid()
+            stop = preemption.stop_requested()
+            if d.distributed:  # every rank must agree to stop at the same step
+                flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop:
+                self.save_checkpoint()
+                last_saved = step
+            if stop:
+                if bar is not None:
+                    bar.close()
+                return "preempted"
+        if bar is not None:
+            bar.close()
+        if cfg.train.sample_every > 0 and total % cfg.train.sample_every != 0:
+            self.sample_grid()
+        return "finished"
+
+
+def train(cfg: C.Config, run_dir: str | Path, resume: str = "auto") -> dict[str, Any]:
+    """Run (or continue) a training run; returns {"status", "step", "run_dir"}."""
+    trainer = Trainer(cfg, run_dir, resume)
+    try:
+        return trainer.fit()
+    finally:
+        shutdown()
+
+
+def default_run_dir(cfg: C.Config) -> Path:
+    name = cfg.run_name or cfg.model.name.replace("/", "-")
+    return Path(cfg.results_dir) / name
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train an MPDiT model.",
+                                 epilog="Overrides: key.sub=value, e.g. data.global_batch_size=256 train.steps=1000")
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("--run-dir", default=None, help="run directory (default: <results_dir>/<run_name or model>)")
+    ap.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run dir), never, or a path")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = C.load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    preemption.install_signal_handlers()
+    result = train(cfg, run_dir, args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return result
