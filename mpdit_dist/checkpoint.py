@@ -46,6 +46,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def fault_point(name: str, step: int) -> None:
+    """Test hook: ``MPDIT_FAULT=<name>:<step>`` kills this process with SIGKILL right here, to
+    prove that a crash at that point (mid-save included) never leaves a loadable half checkpoint."""
+    if os.environ.get("MPDIT_FAULT") == f"{name}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -169,6 +178,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         dcp.save(tensors, checkpoint_id=str(tmp))
+        fault_point("save", step)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
         if self.rank == 0:

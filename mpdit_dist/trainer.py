@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import config as C
 from . import preemption
-from .checkpoint import CheckpointManager, code_version
+from .checkpoint import CheckpointManager, code_version, fault_point
 from .distributed.env import DistInfo, init_distributed, shutdown
 from .ema import EMA, clean_name
 from .flops import device_peak_flops, train_flops_per_image
@@ -395,6 +395,7 @@ class Trainer:
             batch = next(it)
             window_data += time.perf_counter() - t0
             loss, grad_norm = self.train_step(batch)
+            fault_point("step", self.step)
             window_loss += loss
             window_steps += 1
             step = self.step

@@ -1,0 +1,63 @@
+"""Shared helpers: a small real dataset (scikit-learn digits) and training runs in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# a tiny model on the demo's 16x16x3 digits; fast on 2 cores
+TINY = [
+    "model.hidden_size=32", "model.num_heads=2", "model.stages=[[4,2],[2,1]]",
+    "data.format=memory", "data.global_batch_size=12", "data.num_workers=0",
+    "train.log_every=1", "train.sample_every=0", "train.progress_bar=false", "tracking.enabled=false",
+]
+
+
+def digits_npz(path: Path, n: int | None = None) -> Path:
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:n], dtype=torch.float32)[:, None] / 16.0 * 2 - 1
+    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    np.savez(path, x=x.numpy(), y=d.target[:n].astype(np.int64))
+    return path
+
+
+def env(extra: dict | None = None) -> dict:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    e.pop("MPDIT_FAULT", None)
+    if extra:
+        e.update(extra)
+    return e
+
+
+def train(run_dir: Path, npz: Path, overrides: list[str], nproc: int = 0, nnodes: int = 1, fault: str | None = None,
+          check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python train.py`` (nproc=0) or ``torchrun --nproc_per_node nproc`` on the demo config."""
+    args = ["--config", str(REPO / "configs/demo.yaml"), "--run-dir", str(run_dir),
+            f"data.path={npz}", *TINY, *overrides]
+    if nproc:
+        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train.py"), *args]
+    else:
+        cmd = [PY, str(REPO / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env({"MPDIT_FAULT": fault} if fault else None), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from mpdit_dist.tracking import read_metrics
+
+    return {int(m["step"]): float(m["loss"]) for m in read_metrics(run_dir)}

@@ -1,0 +1,124 @@
+"""The single-process trainer: determinism, accumulation, EMA, resume, tracking, sampling output."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.runs import digits_npz, losses, train
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
+
+
+def test_same_seed_same_losses_and_weights(tmp_path, npz):
+    train(tmp_path / "a", npz, ["train.steps=4", "train.ckpt_every=0"])
+    train(tmp_path / "b", npz, ["train.steps=4", "train.ckpt_every=0"])
+    train(tmp_path / "c", npz, ["train.steps=4", "train.ckpt_every=0", "train.seed=1"])
+    a, b, c = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(tmp_path / "c")
+    assert len(a) == 4 and a == b
+    assert a != c
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, npz):
+    from mpdit_dist.export import load_checkpoint_weights
+
+    train(tmp_path / "full", npz, ["train.steps=3", "train.ckpt_every=3"])
+    train(tmp_path / "accum", npz, ["train.steps=3", "train.ckpt_every=3", "data.micro_batch_size=6"])
+    lf, la = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    for s in lf:
+        assert la[s] == pytest.approx(lf[s], rel=1e-6)
+    # the gradients agree too: after 3 AdamW steps the weights are the same to float tolerance
+    wf, _, _ = load_checkpoint_weights(run_dir=str(tmp_path / "full"), use_ema=False)
+    wa, _, _ = load_checkpoint_weights(run_dir=str(tmp_path / "accum"), use_ema=False)
+    for (n, p), q in zip(wf.state_dict().items(), wa.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_global_batch_must_divide(tmp_path, npz):
+    proc = train(tmp_path / "x", npz, ["train.steps=1", "data.micro_batch_size=5"], check=False)
+    assert proc.returncode != 0 and "data.micro_batch_size=5" in proc.stderr
+
+
+def test_ema_update_and_warmup():
+    from mpdit_dist.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99, warmup=True)
+    assert ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(10_000) == 0.99
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=1)
+    d = ema.decay_at(1)
+    for s, p0 in zip(ema.shadow, start):
+        torch.testing.assert_close(s, d * p0 + (1 - d) * (p0 + 1))
+    # swapped_into puts the EMA in and restores the live weights after
+    live = [p.detach().clone() for p in model.parameters()]
+    with ema.swapped_into(model):
+        for p, s in zip(model.parameters(), ema.shadow):
+            assert torch.equal(p, s)
+    for p, q in zip(model.parameters(), live):
+        assert torch.equal(p, q)
+    no_warm = EMA(model, decay=0.99, warmup=False)
+    assert no_warm.decay_at(1) == 0.99
+
+
+def test_resume_continues_exactly(tmp_path, npz):
+    train(tmp_path / "full", npz, ["train.steps=8", "train.ckpt_every=4"])
+    train(tmp_path / "part", npz, ["train.steps=5", "train.ckpt_every=4"])  # checkpoints at 4 and 5
+    # crash after step 6 (SIGKILL), then resume from the newest checkpoint (5)
+    proc = train(tmp_path / "part", npz, ["train.steps=8", "train.ckpt_every=4"], fault="step:6", check=False)
+    assert proc.returncode != 0
+    train(tmp_path / "part", npz, ["train.steps=8", "train.ckpt_every=4"])
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")  # bitwise on CPU
+
+
+def test_run_dir_contents_and_mlflow(tmp_path, npz):
+    import mlflow
+
+    results = tmp_path / "results"
+    common = ["train.steps=4", "train.ckpt_every=2", "tracking.enabled=true", f"results_dir={results}",
+              "train.sample_every=4", "train.sample_steps=3", "train.sample_classes=[0,1,2]"]
+    run = tmp_path / "run"
+    train(run, npz, common[:1] + ["train.steps=2"] + common[1:])
+    train(run, npz, common)  # resumed: appends to the same MLflow run
+    assert (run / "config.yaml").is_file() and (run / "samples").is_dir()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("step", "loss", "lr", "grad_norm", "img_per_s", "data_wait_frac"):
+        assert key in rows[0]
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results}/mlflow.db")
+    r = client.get_run(run_id)
+    assert r.data.params["model.hidden_size"] == "32"
+    hist = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in hist) == [1, 2, 3, 4]
+    assert {"model", "world_size", "backend"} <= set(r.data.tags)
+    arts = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert any(a.endswith(".png") for a in arts)
+
+
+def test_sample_cli_output_format(tmp_path, npz):
+    from mpdit_dist.sample import main as sample_main
+
+    train(tmp_path / "run", npz, ["train.steps=2", "train.ckpt_every=2"])
+    out = tmp_path / "s.npz"
+    sample_main(["--run-dir", str(tmp_path / "run"), "--num-per-class", "2", "--steps", "2", "--classes", "0,3",
+                 "--cfg-scale", "2", "--out", str(out), "--device", "cpu"])
+    with np.load(out) as z:
+        assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (4, 16, 16, 3)
+        assert z["arr_1"].tolist() == [0, 0, 3, 3]
+    assert out.with_suffix(".png").is_file()
+    settings = json.loads(out.with_suffix(".json").read_text())
+    assert settings["cfg_scale"] == 2.0 and settings["steps"] == 2
+
+
+def test_config_errors_name_the_key(tmp_path, npz):
+    proc = train(tmp_path / "x", npz, ["train.stepz=3"], check=False)
+    assert proc.returncode != 0 and "stepz" in proc.stderr
+    proc = train(tmp_path / "x", npz, ["model.input_size=12"], check=False)
+    assert proc.returncode != 0 and "model.input_size" in proc.stderr
