@@ -90,7 +90,15 @@ launch() {
     local name="$1" logfile="$STATE/log/$1.out"
     shift
     setsid "$@" </dev/null >>"$logfile" 2>&1 &
-    echo $! >"$(pidfile "$name")"
+    local pid=$! i
+    echo "$pid" >"$(pidfile "$name")"
+    # Until exec is done the process is still called bash/setsid/setpriv: wait for the real name,
+    # so that alive_pid does not take a starting daemon for a dead one.
+    for i in $(seq 1 100); do
+        alive_pid "$name" >/dev/null && return 0
+        [[ -d /proc/$pid ]] || return 0 # died at once: wait_until reports it with its log
+        sleep 0.05
+    done
 }
 
 wait_until() { # wait_until DESCRIPTION DAEMON COMMAND...: poll until COMMAND succeeds
@@ -287,7 +295,7 @@ cmd_start() {
     [[ $(id -u) -eq 0 ]] || die "start needs root (SlurmUser=root, munged runs as the munge user)"
     mkdir -p "$STATE"/{etc,munge,mysql,run,log,slurmctld,slurmd}
     chmod 755 "$STATE" "$STATE/mysql"
-    chown mysql:mysql "$STATE/mysql"
+    chown -R mysql:mysql "$STATE/mysql" # uids may differ after a reinstall
     write_configs
     start_mariadb
     start_munged
