@@ -354,7 +354,7 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - a broken store must not stop training
             logger.warning(
                 "MLflow tracking unavailable at %s (%s: %s); training continues with metrics in "
-                "%s only", self.tracking_uri, type(exc).__name__, _truncate(str(exc), 300),
+                "%s only", self.tracking_uri, type(exc).__name__, _truncate(str(exc), 1000),
                 self.metrics_path)
             self.tracking_uri = None
             return
