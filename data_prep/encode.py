@@ -293,8 +293,13 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
         from streaming.base.util import merge_index
 
         mds = out / mf.MDS_DIR
-        merge_index([str(mds / mf.part_name(r["shard_id"]) / "index.json") for r in nonempty], str(mds),
+        # merge into a private directory, then rename: atomic, and safe if two ranks finalize at once
+        tmp = mds / f".merge-{os.getpid()}"
+        tmp.mkdir(exist_ok=True)
+        merge_index([str(mds / mf.part_name(r["shard_id"]) / "index.json") for r in nonempty], str(tmp),
                     keep_local=True)
+        os.replace(tmp / "index.json", mds / "index.json")
+        tmp.rmdir()
     stats = mf.channel_stats_merge([r["stats"] for r in records])
     mean, std = mf.channel_stats_final(stats)
     class_counts = [0] * len(config["class_names"])
