@@ -1,0 +1,159 @@
+"""The MDS and WebDataset readers on shards written by data_prep (real files, simulated ranks)."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from data_prep.encode import encode_dataset
+from data_prep.fixtures import save_tiny_vae, write_digits_image_folder, write_test_image_folder
+from mpdit_dist.config import DataConfig
+from mpdit_dist.data import build_loader, denormalize, read_manifest, sample_seed
+from mpdit_dist.data.sources import open_source
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Identity latents of 50 digits at 8x8, 7 per shard (the last shard short)."""
+    tmp = tmp_path_factory.mktemp("digits")
+    folder = write_digits_image_folder(tmp / "images", size=8, limit=50)
+    encode_dataset(folder, tmp / "data", 8, "identity", "mds,wds", 7, progress=False)
+    return tmp / "data"
+
+
+@pytest.fixture(scope="module")
+def vae_data(tmp_path_factory):
+    """Tiny-VAE posterior moments with flips of 12 photos (3 bad files skipped)."""
+    tmp = tmp_path_factory.mktemp("vae")
+    root, _ = write_test_image_folder(tmp / "images")
+    vae = save_tiny_vae(tmp / "vae")
+    encode_dataset(root, tmp / "data", 16, str(vae), "mds,wds", 5, flip=True, batch_size=4, progress=False)
+    return tmp / "data"
+
+
+def _cfg(path, fmt, g, **kw):
+    base = dict(format=fmt, path=str(path), global_batch_size=g, num_workers=0, pin_memory=False)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _run(cfg, world, steps, state=None, seed=0):
+    loaders = [build_loader(cfg, rank=r, world_size=world, seed=seed) for r in range(world)]
+    if state is not None:
+        for ld in loaders:
+            ld.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        parts = [next(ld) for ld in loaders]
+        out.append(([k for p in parts for k in p["keys"]], torch.cat([p["x"] for p in parts]),
+                    torch.cat([p["y"] for p in parts])))
+    return out, loaders
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for (k1, x1, y1), (k2, x2, y2) in zip(a, b):
+        assert k1 == k2
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_format_and_world_covers_every_sample_once_per_epoch(digits, fmt, world):
+    n = read_manifest(digits)["num_samples"]
+    assert n == 50
+    batches, _ = _run(_cfg(digits, fmt, 12), world, steps=13)  # 156 positions: 3 epochs and a bit
+    stream = [k for keys, _, _ in batches for k in keys]
+    everything = Counter(f"{i:09d}" for i in range(50))
+    for e in range(3):
+        assert Counter(stream[e * n:(e + 1) * n]) == everything
+    x = batches[0][1]
+    assert x.shape == (12, 3, 8, 8) and x.dtype == torch.float32 and batches[0][2].dtype == torch.int64
+
+
+def test_formats_and_world_sizes_agree_on_every_tensor(vae_data):
+    ref, _ = _run(_cfg(vae_data, "mds", 6), 1, steps=5)
+    _same(ref, _run(_cfg(vae_data, "wds", 6), 1, steps=5)[0])
+    for world in (2, 3):
+        _same(ref, _run(_cfg(vae_data, "wds", 6), world, steps=5)[0])
+        _same(ref, _run(_cfg(vae_data, "mds", 6), world, steps=5)[0])
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_state_saved_mid_epoch_with_2_ranks_resumes_with_1_and_3(vae_data, fmt, new_world):
+    cfg = _cfg(vae_data, fmt, 6)
+    full, _ = _run(cfg, 2, steps=7)
+    _, loaders = _run(cfg, 2, steps=3)  # 18 positions: mid epoch 1 of 12 samples
+    state = json.loads(json.dumps(loaders[1].state_dict()))
+    rest, _ = _run(cfg, new_world, steps=4, state=state)
+    _same(full[3:], rest)
+
+
+def test_fresh_latent_and_flip_per_epoch(vae_data):
+    """x = mean + std * eps with eps and the flip choice fixed by (seed, epoch, index)."""
+    src = open_source("wds", str(vae_data))
+    man = src.manifest
+    ld = build_loader(_cfg(vae_data, "wds", 12, shuffle=False), rank=0, world_size=1, seed=0)
+    epochs = [next(ld) for _ in range(4)]
+    shape = tuple(man["latent_shape"])
+    flips = 0
+    for j in range(12):
+        rec = src.read(j)
+        assert epochs[0]["keys"][j] == rec["key"]
+        assert not (rec["mean"] == rec["flip_mean"]).all()
+        views = [denormalize(e["x"][j:j + 1], man)[0] for e in epochs]
+        assert not torch.allclose(views[0], views[1])  # a fresh draw each epoch
+        for epoch, v in enumerate(views):
+            # the documented rule: a generator seeded by (seed, epoch, index) picks the flip, then eps
+            g = torch.Generator().manual_seed(sample_seed(0, epoch, j, salt=1))
+            prefix = "flip_" if bool(torch.rand((), generator=g) < 0.5) else ""
+            eps = torch.randn(shape, generator=g)
+            want = torch.tensor(rec[prefix + "mean"]).float() + torch.tensor(rec[prefix + "std"]).float() * eps
+            assert torch.allclose(v, want, atol=1e-4)
+            flips += prefix == "flip_"
+    assert 0 < flips < 48  # both orientations occur
+    again = build_loader(_cfg(vae_data, "wds", 12, shuffle=False), rank=0, world_size=1, seed=0)
+    assert torch.equal(next(again)["x"], epochs[0]["x"])
+    other_seed = build_loader(_cfg(vae_data, "wds", 12, shuffle=False), rank=0, world_size=1, seed=1)
+    assert not torch.equal(next(other_seed)["x"], epochs[0]["x"])
+
+
+def test_normalised_with_manifest_statistics(digits):
+    man = read_manifest(digits)
+    ld = build_loader(_cfg(digits, "mds", 50, shuffle=False), rank=0, world_size=1, seed=0)
+    x = next(ld)["x"]
+    # fp16 storage: the statistics were computed on the stored values, so they match closely
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-3)
+    assert torch.allclose(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
+    raw = denormalize(x, man)
+    assert raw.min() >= -1.0 - 1e-3 and raw.max() <= 1.0 + 1e-3  # identity: pixels in [-1, 1]
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_remote_store_through_the_local_cache(digits, tmp_path, fmt):
+    local, _ = _run(_cfg(digits, fmt, 12), 2, steps=5)
+    cache = tmp_path / "cache"
+    remote, _ = _run(_cfg("", fmt, 12, remote=str(digits), cache_dir=str(cache)), 2, steps=5)
+    _same(local, remote)
+    assert (cache / "manifest.json").is_file()
+    sub = cache / fmt
+    assert any(sub.rglob("*.mds" if fmt == "mds" else "*.tar"))
+    assert not [p for p in cache.rglob("*.part")]  # downloads land atomically
+
+
+def test_workers_and_prefetch_keep_the_order(digits):
+    a, _ = _run(_cfg(digits, "wds", 12), 2, steps=6)
+    b, loaders = _run(_cfg(digits, "wds", 12, num_workers=2, prefetch_factor=3), 2, steps=6)
+    for ld in loaders:
+        ld.close()
+    _same(a, b)
+
+
+def test_wrong_format_or_path_is_named(digits, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path="):
+        build_loader(_cfg(tmp_path, "mds", 4), rank=0, world_size=1, seed=0)
+    encode_dataset(write_digits_image_folder(tmp_path / "img", 8, limit=20), tmp_path / "only_wds", 8,
+                   "identity", "wds", 10, progress=False)
+    with pytest.raises(ValueError, match="data.format='mds'.*formats \\['wds'\\]"):
+        build_loader(_cfg(tmp_path / "only_wds", "mds", 4), rank=0, world_size=1, seed=0)
