@@ -284,6 +284,8 @@ def _probe_http(uri: str, timeout_s: float) -> None:
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.exceptions.SSLError:
+        return  # something answered; TLS settings (MLFLOW_TRACKING_INSECURE_TLS, ...) are MLflow's
     except requests.RequestException as exc:
         raise ConnectionError(f"no answer within {timeout_s:g}s ({type(exc).__name__})") from None
 
@@ -305,6 +307,10 @@ class Tracker:
         console: print the MLflow run id and store at start (rank 0).
         probe_timeout_s: how long start-up waits for an HTTP tracking server.
         close_timeout_s: how long ``close`` waits for queued MLflow calls to finish.
+
+    ``run_id`` is the MLflow run id on rank 0 while MLflow is reachable, else None (other
+    ranks, tracking off, store unavailable). Call the methods from one thread (the training
+    loop's).
 
     Use it as a context manager, or call ``close``: an exception leaving the ``with`` block
     ends the MLflow run FAILED (KILLED for KeyboardInterrupt), a normal exit FINISHED.
@@ -356,7 +362,7 @@ class Tracker:
                 "MLflow tracking unavailable at %s (%s: %s); training continues with metrics in "
                 "%s only", self.tracking_uri, type(exc).__name__, _truncate(str(exc), 1000),
                 self.metrics_path)
-            self.tracking_uri = None
+            self.tracking_uri = self.run_id = None
             return
         self.run_id, self.experiment_id = run_id, experiment_id
         self._worker = _MlflowWorker(client, run_id, self.tracking_uri, self.metrics_path)
@@ -414,7 +420,7 @@ class Tracker:
             else:
                 experiment_id = run.info.experiment_id
                 client.update_run(run.info.run_id, status="RUNNING")
-            run_id = run.info.run_id
+            run_id = self.run_id = run.info.run_id  # (reset below if start-up fails)
             self._known_params = dict(run.data.params)
             param_entities, changed = self._new_params(params)
             tags.update({f"resume_changed.{k}": v for k, v in changed.items()})
