@@ -126,9 +126,10 @@ def test_resume_after_close_continues_the_same_run(results_dir, client, tmp_path
     assert run.data.params["train.steps"] == str(Config().train.steps)  # MLflow keeps the first
     assert run.data.tags["resume_changed.train.steps"] == "999"
     assert run.data.params["custom.new"] == "added on resume"
-    assert [w.getMessage() for w in _warnings(caplog)] and "train.steps" in _warnings(caplog)[0].getMessage()
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "train.steps" in warnings[0].getMessage()
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
-    assert len(client.search_runs([run.info.experiment_id], f"attributes.run_name = 'run'")) == 1
+    assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 'run'")) == 1
 
 
 _CRASHING_CHILD = textwrap.dedent("""
