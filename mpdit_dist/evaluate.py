@@ -1,0 +1,689 @@
+"""ADM's evaluation suite in PyTorch: FID, sFID, Inception Score, precision and recall.
+
+Command line (note: SAMPLES first, REFERENCE second -- the reverse of ADM's ``evaluator.py``)::
+
+    python -m mpdit_dist.evaluate SAMPLES.npz REFERENCE.npz --inception pt_inception-2015-12-05-6726825d.pth \
+        [--batch-size 100] [--device cuda] [--out metrics.json] [--cache-dir DIR] \
+        [--mlflow-run-id ID --tracking-uri URI [--mlflow-step N]]
+
+Both files are ADM-format npz: ``arr_0`` holds uint8 images ``(N, H, W, 3)``. A reference batch of
+ADM (e.g. ``VIRTUAL_imagenet256_labeled.npz``) also holds ``mu``, ``sigma``, ``mu_s``, ``sigma_s``
+computed over the whole dataset; those are used for FID and sFID when present, exactly as ADM does,
+and its images (10,000 for ImageNet) give the reference manifold for precision and recall.
+
+Python API (used by the trainer for in-training evaluation)::
+
+    net = load_feature_net(path, device)                    # mpdit_dist.inception
+    metrics = compute_metrics(samples_uint8, reference_npz_path, net, batch_size, device)
+
+The reference batch's statistics and features are cached in a file keyed by the SHA-256 of the
+reference file and the checksum of the feature network, next to the reference file (or in
+``cache_dir``), and kept in memory for repeated calls in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mpdit_dist.inception import FeatureNetError, InceptionFeatures, load_feature_net
+from mpdit_dist.metrics import (
+    frechet_distance,
+    frechet_distance_from_features,
+    gaussian_stats,
+    inception_score,
+    precision_recall,
+)
+from mpdit_dist.metrics.numerics import full_fp32
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("inception_score", "fid", "sfid", "precision", "recall")
+CACHE_FORMAT = 1
+PathLike = Union[str, os.PathLike]
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input: names the file, key or value at fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# ADM-format npz files, streamed (a 50,000-image 256x256 batch is 9.8 GB; it never sits in memory)
+
+
+@dataclass
+class NpzImages:
+    """The uint8 ``(N, H, W, 3)`` image array ``key`` of an npz file, read in batches on demand."""
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+
+    @property
+    def num_images(self) -> int:
+        return self.shape[0]
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
+            header = _read_npy_header(member)
+            if header is None:  # a layout we do not stream: load it whole
+                array = np.load(self.path)[self.key]
+                for start in range(0, len(array), batch_size):
+                    yield np.ascontiguousarray(array[start : start + batch_size])
+                return
+            image_bytes = int(np.prod(self.shape[1:]))
+            for start in range(0, self.num_images, batch_size):
+                count = min(batch_size, self.num_images - start)
+                buffer = bytearray(count * image_bytes)  # writable, so torch.from_numpy does not copy
+                view, filled = memoryview(buffer), 0
+                while filled < len(buffer):
+                    got = member.readinto(view[filled:])
+                    if not got:
+                        raise EvaluationError(f"{self.path}: {self.key} ends early (truncated file?)")
+                    filled += got
+                yield np.frombuffer(buffer, dtype=np.uint8).reshape(count, *self.shape[1:])
+
+
+def _read_npy_header(fp) -> Optional[tuple[tuple[int, ...], bool, np.dtype]]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        return None
+    if fortran:
+        return None
+    return shape, fortran, dtype
+
+
+def npz_keys(path: PathLike) -> list[str]:
+    """Names of the arrays in an npz file (without reading them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+    except zipfile.BadZipFile as err:
+        raise EvaluationError(f"{path}: not an npz file ({err})") from err
+
+
+def open_npz_images(path: PathLike, key: str = "arr_0") -> NpzImages:
+    """Check that ``key`` of ``path`` is a uint8 ``(N, H, W, 3)`` array, N >= 1, and open it."""
+    path = Path(path)
+    keys = npz_keys(path)
+    if key not in keys:
+        raise EvaluationError(f"{path}: no array '{key}' (holds {keys}); ADM's format keeps images in arr_0")
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+        header = _read_npy_header(member)
+    if header is None:
+        array = np.load(path, mmap_mode=None)[key]
+        shape, dtype = array.shape, array.dtype
+    else:
+        shape, _, dtype = header
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
+        raise EvaluationError(
+            f"{path}: '{key}' must be uint8 images (N, H, W, 3) as in ADM's format, got {dtype} {tuple(shape)}"
+        )
+    return NpzImages(path, key, tuple(int(s) for s in shape))
+
+
+def _array_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), batch_size):
+        yield np.ascontiguousarray(images[start : start + batch_size])
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+
+
+@dataclass
+class Features:
+    """Inception features of an image set: pool_3 ``(N, 2048)``, spatial ``(N, 2023)``, logits ``(N, 1008)``."""
+
+    pool: np.ndarray
+    spatial: np.ndarray
+    logits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+
+def extract_features(
+    batches: Iterable[np.ndarray],
+    feature_net: InceptionFeatures,
+    device: Union[str, torch.device, None] = None,
+    total: Optional[int] = None,
+    desc: str = "features",
+    progress: Optional[bool] = None,
+) -> Features:
+    """Run ``feature_net`` over uint8 NHWC batches; full float32 (TF32 off) for fidelity.
+
+    ``progress=None`` shows a bar only on a terminal.
+    """
+    device = _resolve_device(device, feature_net)
+    feature_net.to(device).eval()
+    pools, spatials, logits = [], [], []
+    with torch.inference_mode(), full_fp32():
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=None if progress is None else not progress):
+            out = feature_net(torch.from_numpy(batch).to(device, non_blocking=True))
+            pools.append(out.pool.float().cpu().numpy())
+            spatials.append(out.spatial.float().cpu().numpy())
+            logits.append(out.logits.float().cpu().numpy())
+    if not pools:
+        raise EvaluationError("no images to compute features of")
+    return Features(np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits))
+
+
+def _resolve_device(device, feature_net: Optional[torch.nn.Module] = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if feature_net is not None:
+        for p in feature_net.parameters():
+            return p.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference batch: statistics, features, cache
+
+
+@dataclass
+class ReferenceStats:
+    """What the metrics need of the reference batch.
+
+    ``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial) feed FID and sFID;
+    ``pool_features`` (the reference images' pool_3 features) feed precision and recall and may be
+    None when the reference holds statistics only (then precision and recall are not computed).
+    ``spatial_features`` are kept only for small references (fewer images than dimensions), where
+    the Fréchet distances are computed exactly from features (see ``frechet_distance_from_features``).
+    ``stats_source`` is ``"npz"`` when the statistics came precomputed in the reference file
+    (ADM's reference batches), ``"computed"`` when computed from its images.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    pool_features: Optional[np.ndarray] = None
+    spatial_features: Optional[np.ndarray] = None
+    stats_source: str = "computed"
+    num_images: int = 0
+    sha256: Optional[str] = None
+    feature_net_checksum: Optional[str] = None
+    cache: str = "off"  # off | miss | hit | memory
+    cache_path: Optional[str] = None
+
+    @classmethod
+    def from_mapping(cls, stats: Mapping[str, Any]) -> "ReferenceStats":
+        """From a dict with ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` and optionally ``pool_features``."""
+        missing = [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k not in stats]
+        if missing:
+            raise EvaluationError(f"reference statistics lack {missing}")
+        pool = stats.get("pool_features")
+        spatial = stats.get("spatial_features")
+        return cls(
+            mu=np.asarray(stats["mu"], np.float64),
+            sigma=np.asarray(stats["sigma"], np.float64),
+            mu_s=np.asarray(stats["mu_s"], np.float64),
+            sigma_s=np.asarray(stats["sigma_s"], np.float64),
+            pool_features=None if pool is None else np.asarray(pool, np.float32),
+            spatial_features=None if spatial is None else np.asarray(spatial, np.float32),
+            stats_source=str(stats.get("stats_source", "given")),
+            num_images=0 if pool is None else len(pool),
+            cache="off",
+        )
+
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+_REFERENCE_MEMO: dict[tuple, ReferenceStats] = {}
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) for the life of the process."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(16 << 20), b""):
+                digest.update(chunk)
+        _HASH_MEMO[key] = digest.hexdigest()
+    return _HASH_MEMO[key]
+
+
+def reference_cache_path(reference: PathLike, ref_sha: str, net_checksum: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """Where the cached statistics of ``reference`` for one feature network live."""
+    reference = Path(reference)
+    directory = Path(cache_dir) if cache_dir is not None else reference.parent
+    return directory / f"{reference.name}.ref-{ref_sha[:16]}.net-{net_checksum[:16]}.stats.npz"
+
+
+def _load_cache(path: Path, ref_sha: str, net_checksum: str) -> Optional[ReferenceStats]:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if (
+                meta.get("format") != CACHE_FORMAT
+                or meta.get("reference_sha256") != ref_sha
+                or meta.get("feature_net_checksum") != net_checksum
+            ):
+                log.warning("ignoring %s: made for another reference file or feature network", path)
+                return None
+            return ReferenceStats(
+                mu=data["mu"],
+                sigma=data["sigma"],
+                mu_s=data["mu_s"],
+                sigma_s=data["sigma_s"],
+                pool_features=data["pool_features"] if meta["has_pool_features"] else None,
+                spatial_features=data["spatial_features"] if meta["has_spatial_features"] else None,
+                stats_source=meta["stats_source"],
+                num_images=int(meta["num_images"]),
+                sha256=ref_sha,
+                feature_net_checksum=net_checksum,
+                cache="hit",
+                cache_path=str(path),
+            )
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        log.warning("ignoring unreadable reference cache %s (%s); recomputing", path, err)
+        return None
+
+
+def _save_cache(path: Path, stats: ReferenceStats) -> bool:
+    meta = {
+        "format": CACHE_FORMAT,
+        "reference_sha256": stats.sha256,
+        "feature_net_checksum": stats.feature_net_checksum,
+        "stats_source": stats.stats_source,
+        "num_images": stats.num_images,
+        "has_pool_features": stats.pool_features is not None,
+        "has_spatial_features": stats.spatial_features is not None,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # write then rename: a crash or a concurrent reader never sees half a file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                meta=np.array(json.dumps(meta)),
+                mu=stats.mu,
+                sigma=stats.sigma,
+                mu_s=stats.mu_s,
+                sigma_s=stats.sigma_s,
+                pool_features=stats.pool_features if stats.pool_features is not None else np.zeros((0, 0), np.float32),
+                spatial_features=(
+                    stats.spatial_features if stats.spatial_features is not None else np.zeros((0, 0), np.float32)
+                ),
+            )
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        log.warning("could not write the reference cache %s (%s); continuing without it", path, err)
+        try:
+            os.unlink(tmp)  # type: ignore[possibly-undefined]
+        except (OSError, NameError):
+            pass
+        return False
+
+
+def load_reference(
+    reference: PathLike,
+    feature_net: InceptionFeatures,
+    batch_size: int = 100,
+    device: Union[str, torch.device, None] = None,
+    cache_dir: Optional[PathLike] = None,
+    use_cache: bool = True,
+    progress: Optional[bool] = None,
+) -> ReferenceStats:
+    """Statistics and features of an ADM reference npz, from memory, the cache file, or computed.
+
+    FID/sFID statistics come from the file's ``mu``/``sigma``/``mu_s``/``sigma_s`` when present
+    (all four, or it is an error), else from its images; the images' pool features are kept for
+    precision and recall.
+    """
+    reference = Path(reference)
+    keys = npz_keys(reference)
+    ref_sha = file_sha256(reference)
+    net_checksum = feature_net.checksum()
+    memo_key = (ref_sha, net_checksum)
+    if use_cache and memo_key in _REFERENCE_MEMO:
+        return dataclasses.replace(_REFERENCE_MEMO[memo_key], cache="memory")
+    cache_path = reference_cache_path(reference, ref_sha, net_checksum, cache_dir)
+    stats = _load_cache(cache_path, ref_sha, net_checksum) if use_cache else None
+    if stats is None:
+        stats = _compute_reference(reference, keys, feature_net, batch_size, device, progress)
+        stats.sha256, stats.feature_net_checksum = ref_sha, net_checksum
+        if use_cache:
+            stats.cache = "miss"
+            if _save_cache(cache_path, stats):
+                stats.cache_path = str(cache_path)
+    else:
+        log.info("reference statistics read from cache %s", cache_path)
+    if use_cache:
+        _REFERENCE_MEMO.clear()  # one reference at a time: its features can be 100s of MB
+        _REFERENCE_MEMO[memo_key] = stats
+    return stats
+
+
+def _compute_reference(
+    reference: Path, keys: list[str], feature_net: InceptionFeatures, batch_size: int, device, progress
+) -> ReferenceStats:
+    stat_keys = [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys]
+    if stat_keys and len(stat_keys) != 4:
+        missing = sorted({"mu", "sigma", "mu_s", "sigma_s"} - set(stat_keys))
+        raise EvaluationError(f"{reference}: has {stat_keys} but lacks {missing}; need all four or none")
+    if "arr_0" not in keys and not stat_keys:
+        raise EvaluationError(f"{reference}: neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
+    features = None
+    if "arr_0" in keys:
+        images = open_npz_images(reference)
+        log.info("computing reference features of %d images from %s", images.num_images, reference)
+        features = extract_features(
+            images.iter_batches(batch_size), feature_net, device,
+            total=math.ceil(images.num_images / batch_size), desc="reference", progress=progress,
+        )
+    if stat_keys:
+        with np.load(reference, allow_pickle=False) as data:
+            mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
+        source = "npz"
+    else:
+        if len(features) < 2:
+            raise EvaluationError(f"{reference}: a covariance needs at least 2 images, got {len(features)}")
+        pool_stats = gaussian_stats(features.pool, device)
+        spatial_stats = gaussian_stats(features.spatial, device)
+        mu, sigma, mu_s, sigma_s = pool_stats.mu, pool_stats.sigma, spatial_stats.mu, spatial_stats.sigma
+        source = "computed"
+    small = features is not None and len(features) < features.spatial.shape[1]
+    return ReferenceStats(
+        mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
+        pool_features=None if features is None else features.pool,
+        spatial_features=features.spatial if small else None,
+        stats_source=source,
+        num_images=0 if features is None else len(features),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def metrics_from_features(
+    samples: Features,
+    reference: ReferenceStats,
+    k: int = 3,
+    is_split_size: int = 5000,
+    pr_batch_size: int = 10000,
+    device: Union[str, torch.device, None] = None,
+) -> dict[str, Any]:
+    """FID, sFID, Inception Score, precision and recall of sample features against a reference."""
+    n = len(samples)
+    if n < 2:
+        raise EvaluationError(f"need at least 2 samples for a covariance, got {n}")
+    for name, mine, theirs in (
+        ("mu (pool_3)", samples.pool.shape[1], reference.mu.shape[-1]),
+        ("mu_s (spatial)", samples.spatial.shape[1], reference.mu_s.shape[-1]),
+    ):
+        if mine != theirs:
+            raise EvaluationError(
+                f"reference {name} has {theirs} dims but the samples' features have {mine}: "
+                "was the reference made with another feature network or input size?"
+            )
+    # Reference features stand in for its statistics only when the statistics came from them.
+    own = reference.stats_source == "computed"
+    fid, fid_route = _frechet(samples.pool, reference.mu, reference.sigma, reference.pool_features if own else None, device)
+    sfid, _ = _frechet(
+        samples.spatial, reference.mu_s, reference.sigma_s, reference.spatial_features if own else None, device
+    )
+    result: dict[str, Any] = {
+        "inception_score": inception_score(samples.logits, is_split_size),
+        "fid": fid,
+        "sfid": sfid,
+        "precision": None,
+        "recall": None,
+    }
+    if reference.pool_features is None:
+        log.warning("the reference holds no images: precision and recall not computed (reported as null)")
+    elif n <= k or len(reference.pool_features) <= k:
+        raise EvaluationError(
+            f"precision/recall with k={k} need more than {k} samples and reference images, "
+            f"got {n} and {len(reference.pool_features)}"
+        )
+    else:
+        result["precision"], result["recall"] = precision_recall(
+            reference.pool_features, samples.pool, k=k, batch_size=pr_batch_size, device=device
+        )
+    result.update(
+        num_samples=n,
+        num_reference_images=reference.num_images,
+        reference_stats_source=reference.stats_source,
+        reference_cache=reference.cache,
+        reference_sha256=reference.sha256,
+        feature_net_checksum=reference.feature_net_checksum,
+        fid_route=fid_route,
+        pr_k=k,
+        is_split_size=is_split_size,
+        is_num_splits=math.ceil(n / is_split_size),
+    )
+    return result
+
+
+def _frechet(sample_features: np.ndarray, ref_mu, ref_sigma, ref_features: Optional[np.ndarray], device):
+    """ADM's route (statistics, scipy sqrtm) unless both sets have fewer points than dimensions."""
+    if ref_features is not None and len(sample_features) + len(ref_features) <= sample_features.shape[1]:
+        return frechet_distance_from_features(sample_features, ref_features, device), "features"
+    stats = gaussian_stats(sample_features, device)
+    return frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma), "sqrtm"
+
+
+def _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress) -> ReferenceStats:
+    if isinstance(reference, ReferenceStats):
+        return reference
+    if isinstance(reference, Mapping):
+        return ReferenceStats.from_mapping(reference)
+    return load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
+
+
+def compute_metrics(
+    samples_uint8: np.ndarray,
+    reference: Union[PathLike, Mapping[str, Any], ReferenceStats],
+    feature_net: InceptionFeatures,
+    batch_size: int = 100,
+    device: Union[str, torch.device, None] = None,
+    *,
+    k: int = 3,
+    is_split_size: int = 5000,
+    cache_dir: Optional[PathLike] = None,
+    use_cache: bool = True,
+    progress: Optional[bool] = False,
+) -> dict[str, Any]:
+    """ADM's metrics of ``samples_uint8`` (``(N, H, W, 3)`` uint8) against ``reference``.
+
+    ``reference`` is an ADM reference npz path (statistics cached, see :func:`load_reference`),
+    a dict with ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` (and ``pool_features`` for precision and
+    recall), or a :class:`ReferenceStats`. ``device=None`` uses the feature network's device.
+    Returns a dict with ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` and
+    bookkeeping (counts, cache status, checksums).
+    """
+    start = time.perf_counter()
+    samples_uint8 = np.asarray(samples_uint8)
+    if samples_uint8.dtype != np.uint8 or samples_uint8.ndim != 4 or samples_uint8.shape[-1] != 3:
+        raise EvaluationError(
+            f"samples must be uint8 (N, H, W, 3), got {samples_uint8.dtype} {samples_uint8.shape}"
+        )
+    device = _resolve_device(device, feature_net)
+    ref = _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
+    features = extract_features(
+        _array_batches(samples_uint8, batch_size), feature_net, device,
+        total=math.ceil(len(samples_uint8) / batch_size), desc="samples", progress=progress,
+    )
+    result = metrics_from_features(features, ref, k=k, is_split_size=is_split_size, device=device)
+    result["sample_image_size"] = list(samples_uint8.shape[1:3])
+    result["eval_seconds"] = time.perf_counter() - start
+    return result
+
+
+def evaluate_npz(
+    samples: PathLike,
+    reference: PathLike,
+    feature_net: InceptionFeatures,
+    batch_size: int = 100,
+    device: Union[str, torch.device, None] = None,
+    *,
+    k: int = 3,
+    is_split_size: int = 5000,
+    cache_dir: Optional[PathLike] = None,
+    use_cache: bool = True,
+    progress: Optional[bool] = None,
+) -> dict[str, Any]:
+    """:func:`compute_metrics` for a samples npz, streamed from disk batch by batch."""
+    start = time.perf_counter()
+    samples, reference = Path(samples), Path(reference)
+    sample_keys, reference_keys = npz_keys(samples), npz_keys(reference)
+    if "mu" in sample_keys and "mu" not in reference_keys:
+        log.warning(
+            "%s holds reference statistics but %s does not: are the arguments swapped? "
+            "This command takes SAMPLES first (ADM's evaluator.py takes the reference first).",
+            samples, reference,
+        )
+    images = open_npz_images(samples)
+    device = _resolve_device(device, feature_net)
+    ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
+    features = extract_features(
+        images.iter_batches(batch_size), feature_net, device,
+        total=math.ceil(images.num_images / batch_size), desc="samples", progress=progress,
+    )
+    result = metrics_from_features(features, ref, k=k, is_split_size=is_split_size, device=device)
+    result.update(
+        samples=str(samples),
+        reference=str(reference),
+        sample_image_size=list(images.shape[1:3]),
+        eval_seconds=time.perf_counter() - start,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# output: JSON, MLflow
+
+
+def write_json(metrics: Mapping[str, Any], path: PathLike) -> None:
+    """Write the metrics as JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def log_to_mlflow(
+    metrics: Mapping[str, Any],
+    run_id: str,
+    tracking_uri: Optional[str],
+    step: int = 0,
+    prefix: str = "eval/",
+) -> None:
+    """Log the five metrics (``{prefix}fid``, ...) at ``step`` to an existing MLflow run.
+
+    Uses a plain :class:`mlflow.MlflowClient`, so it neither starts nor ends runs and leaves the
+    process's active run alone. Metrics that are None (precision/recall without reference images)
+    are not logged; the bookkeeping goes in as tags.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    now = int(time.time() * 1000)
+    values = [
+        Metric(prefix + key, float(metrics[key]), now, int(step))
+        for key in METRIC_KEYS
+        if metrics.get(key) is not None
+    ]
+    tags = [
+        RunTag(prefix + key, str(metrics[key]))
+        for key in ("samples", "reference", "num_samples", "reference_sha256", "feature_net_checksum", "feature_net")
+        if metrics.get(key) is not None
+    ]
+    client.log_batch(run_id, metrics=values, tags=tags)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpdit_dist.evaluate",
+        description="ADM's FID, sFID, Inception Score, precision and recall, in PyTorch.",
+    )
+    parser.add_argument("samples", help="samples npz (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("reference", help="reference npz of ADM (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("--inception", default=None, help="local FID-Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per forward pass")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--out", default=None, help="write the metrics JSON here")
+    parser.add_argument("--cache-dir", default=None, help="where reference statistics are cached (default: beside the reference)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+    parser.add_argument("--k", type=int, default=3, help="neighbourhood size of the precision/recall manifolds (ADM: 3)")
+    parser.add_argument("--is-split-size", type=int, default=5000, help="Inception Score split size (ADM: 5000)")
+    parser.add_argument(
+        "--input-size", type=int, default=299,
+        help="resize images to this size before the network (ADM: 299; other values only for tests, "
+        "their metrics are not comparable)",
+    )
+    parser.add_argument("--mlflow-run-id", default=None, help="log the metrics to this MLflow run")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (e.g. sqlite:///path/mlflow.db)")
+    parser.add_argument("--mlflow-step", type=int, default=0, help="step to log the metrics at")
+    parser.add_argument("--mlflow-prefix", default="eval/", help="prefix of the MLflow metric names")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.tracking_uri and not args.mlflow_run_id:
+        parser.error("--tracking-uri given without --mlflow-run-id")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Entry point of ``python -m mpdit_dist.evaluate``; returns the metrics dict."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = _resolve_device(args.device)
+    feature_net = load_feature_net(args.inception, device, input_size=args.input_size)
+    metrics = evaluate_npz(
+        args.samples, args.reference, feature_net, args.batch_size, device,
+        k=args.k, is_split_size=args.is_split_size,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache,
+    )
+    metrics.update(feature_net=str(args.inception), input_size=args.input_size, device=str(device))
+    if args.out:
+        write_json(metrics, args.out)
+    if args.mlflow_run_id:
+        log_to_mlflow(metrics, args.mlflow_run_id, args.tracking_uri, step=args.mlflow_step, prefix=args.mlflow_prefix)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (EvaluationError, FeatureNetError) as err:  # bad input: a message, not a traceback
+        sys.exit(f"error: {err}")
