@@ -1,0 +1,91 @@
+"""DDP and FSDP2 over real gloo process groups agree with one process; HSDP, AC, compile, two agents."""
+import socket
+import subprocess
+
+import pytest
+
+from tests.helpers.runs import REPO, TORCHRUN, digits_npz, env, losses, train
+
+STEPS = ["train.steps=5", "train.ckpt_every=0"]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, npz):
+    run = tmp_path_factory.mktemp("ref")
+    train(run, npz, STEPS)
+    return losses(run)
+
+
+def _close(a, b, rel):
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=rel), (s, a[s], b[s])
+
+
+# fp32 on CPU: the ranks' gradients are averaged by an all-reduce whose summation order differs
+# from one process's single sum, so agreement is to float32 rounding (~1e-7), not bitwise
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
+def test_two_ranks_match_one(tmp_path, npz, reference, backend):
+    train(tmp_path / "run", npz, STEPS + [f"parallel.backend={backend}"], nproc=2)
+    _close(reference, losses(tmp_path / "run"), rel=1e-6)
+
+
+def test_fsdp2_single_rank_and_accumulation(tmp_path, npz, reference):
+    train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "data.micro_batch_size=3"], nproc=2)
+    _close(reference, losses(tmp_path / "run"), rel=1e-6)
+
+
+def test_hsdp_2x2(tmp_path, npz, reference):
+    train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "parallel.hsdp_replicas=2"], nproc=4)
+    _close(reference, losses(tmp_path / "run"), rel=1e-6)
+
+
+def test_activation_checkpointing_and_compile_change_nothing(tmp_path, npz, reference):
+    train(tmp_path / "ac", npz, STEPS + ["parallel.backend=fsdp2", "parallel.activation_checkpointing=full"], nproc=2)
+    _close(reference, losses(tmp_path / "ac"), rel=1e-6)
+    train(tmp_path / "every", npz, STEPS + ["parallel.activation_checkpointing=every_n", "parallel.ac_every=2",
+                                            "parallel.compile=true"])
+    # compiled kernels fuse and reorder float ops: equal to float32 rounding, not bitwise
+    _close(reference, losses(tmp_path / "every"), rel=1e-5)
+
+
+def test_bf16_params_close_to_fp32(tmp_path, npz, reference):
+    train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "train.precision=bf16"], nproc=2)
+    # bf16 autocast + bf16 FSDP params (fp32 reduce): 8-bit mantissas, loss within ~1e-3 relative
+    _close(reference, losses(tmp_path / "run"), rel=2e-3)
+
+
+def test_global_batch_not_divisible_is_a_clear_error(tmp_path, npz):
+    proc = train(tmp_path / "run", npz, STEPS + ["data.global_batch_size=13"], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "data.global_batch_size=13 is not divisible by the world size 2" in proc.stdout + proc.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_agents_nnodes_2(tmp_path, npz, reference):
+    """torchrun --nnodes=2 with two agents on one machine: the same code path as two real nodes."""
+    port = _free_port()
+    args = ["--config", str(REPO / "configs/demo.yaml"), "--run-dir", str(tmp_path / "run"), f"data.path={npz}"]
+    from tests.helpers.runs import TINY
+
+    args += TINY + STEPS + ["parallel.backend=fsdp2"]
+    procs = [
+        subprocess.Popen([TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={r}",
+                          "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mpdit-test",
+                          str(REPO / "train.py"), *args], cwd=REPO, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    _close(reference, losses(tmp_path / "run"), rel=1e-6)
