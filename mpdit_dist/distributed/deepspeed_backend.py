@@ -1,0 +1,388 @@
+"""DeepSpeed ZeRO (stage 0, 1, 2 or 3) behind the trainer's interface.
+
+What the trainer uses:
+
+- :func:`build_engine`: a DeepSpeed config generated from ours (ZeRO stage, bf16, clipping,
+  micro-batch and accumulation), overridden key by key by the user's JSON
+  (``parallel.deepspeed_config``); torch's AdamW as the client optimizer (DeepSpeed's fused Adam
+  needs a CUDA build, its CPU Adam a C++ build; torch's runs everywhere and is the optimizer of the
+  other backends) and a ``LambdaLR`` that the engine steps once per optimizer step.
+- :func:`make_ema`: an EMA sharded the way ZeRO-3 shards the weights (see :class:`ShardedEMA`),
+  under every stage, so no rank ever holds the whole EMA.
+- :func:`tensor_state` / :func:`set_tensor_state`: the part of the checkpoint that goes through
+  ``torch.distributed.checkpoint`` (the EMA); :func:`save_engine` / :func:`load_engine`: the
+  engine's own sharded files (weights, fp32 master, optimizer, LR schedule) in ``deepspeed/``
+  inside the same atomic checkpoint directory. A checkpoint written by another world size is
+  converted once to DeepSpeed's universal format (``ds_to_universal``) and loaded with
+  ``load_universal``.
+- :func:`load_consolidated`: full plain weights on CPU in one process, for export.
+
+Gradient accumulation: the trainer divides each micro-batch's loss by the per-rank batch and calls
+``engine.backward`` per micro-batch, ``engine.step`` once per optimizer step. The trainer marks the
+last micro-batch with ``engine.set_gradient_accumulation_boundary`` (DeepSpeed counts micro-steps
+in ``step()``, which the trainer calls once) and calls ``backward(loss, scale_wrt_gas=False)``
+(the loss is already a per-rank mean); ZeRO's average over data-parallel ranks then gives the
+global-batch mean, the same gradient as the other backends.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import config as C
+from ..ema import EMA, clean_name
+from .env import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+
+DS_SUBDIR = "deepspeed"  # the engine's files inside a checkpoint directory
+DS_TAG = "ds"  # DeepSpeed's tag (sub-directory) inside DS_SUBDIR
+UNIVERSAL_SUBDIR = "deepspeed_universal"  # cache of the universal conversion, inside the checkpoint
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and engine
+# ------------------------------------------------------------------------------------------------
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` into ``base`` key by key (nested dicts merged, other values replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg: C.Config, world_size: int, micro: int, accum: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config of this run: generated from ours, then the user's JSON on top."""
+    stage = int(cfg.parallel.zero_stage)
+    if stage not in (0, 1, 2, 3):
+        raise C.ConfigError(f"parallel.zero_stage={stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
+    zero: dict[str, Any] = {"stage": stage}
+    if cfg.parallel.cpu_offload and stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": max(0.0, float(cfg.optim.grad_clip)),
+        "bf16": {"enabled": bool(bf16)},
+        "zero_optimization": zero,
+        # torch's AdamW is on ZeRO's tested list; allow other client optimizers from a user JSON too
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # our tracker logs; DeepSpeed's own progress lines would repeat it
+        "wall_clock_breakdown": False,
+    }
+    path = cfg.parallel.deepspeed_config
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise C.ConfigError(f"parallel.deepspeed_config={path}: file not found")
+        try:
+            user = json.loads(p.read_text())
+        except ValueError as exc:
+            raise C.ConfigError(f"parallel.deepspeed_config={path}: not valid JSON ({exc})") from exc
+        if not isinstance(user, dict):
+            raise C.ConfigError(f"parallel.deepspeed_config={path}: expected a JSON object")
+        for key in _BATCH_KEYS:
+            # the trainer splits the batch itself; a different split would silently change it
+            if key in user and user[key] != ds[key]:
+                raise C.ConfigError(
+                    f"parallel.deepspeed_config={path} sets {key}={user[key]}, but data.global_batch_size="
+                    f"{cfg.data.global_batch_size} and data.micro_batch_size={cfg.data.micro_batch_size} over "
+                    f"{world_size} ranks give {ds[key]}: set the batch in our config, not in the JSON"
+                )
+        ds = _merge(ds, user)
+    return ds
+
+
+def build_engine(model: nn.Module, cfg: C.Config, dist_info: DistInfo, micro: int, accum: int,
+                 lr_lambda_fn: Callable[[int], float], bf16: bool):
+    """(engine, optimizer, LR scheduler) for ``model`` (plain, on its device, same init on every rank).
+
+    The optimizer is the engine's (ZeRO's wrapper around torch AdamW, or DeepSpeed's own when the
+    user's JSON has an ``optimizer`` section); the scheduler is a ``LambdaLR`` over the client
+    optimizer, stepped by the engine once per optimizer step (``None`` when the user's JSON brings
+    a ``scheduler``: the engine then owns it)."""
+    import deepspeed
+
+    from ..trainer import build_optimizer
+
+    ds_cfg = deepspeed_config(cfg, dist_info.world_size, micro, accum, bf16)
+    client_opt = sched = None
+    if "optimizer" not in ds_cfg:
+        client_opt = build_optimizer(model.parameters(), cfg.optim, dist_info.device)
+        if "scheduler" not in ds_cfg:
+            # built before ZeRO re-groups the parameters: ZeRO keeps the groups' other keys (lr,
+            # initial_lr), so the schedule keeps driving the groups the optimizer steps
+            sched = torch.optim.lr_scheduler.LambdaLR(client_opt, lr_lambda_fn)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=client_opt, lr_scheduler=sched, config=ds_cfg,
+        model_parameters=None if client_opt is not None else model.parameters(),
+    )
+    if dist_info.is_main:
+        log.info("DeepSpeed ZeRO stage %d, bf16=%s, micro=%d x accum=%d x world=%d", ds_cfg["zero_optimization"]["stage"],
+                 ds_cfg.get("bf16", {}).get("enabled"), micro, accum, dist_info.world_size)
+    return engine, optimizer, scheduler
+
+
+def is_zero3(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded EMA
+# ------------------------------------------------------------------------------------------------
+
+def _flat_chunk(numel: int, rank: int, world: int) -> tuple[int, int, int]:
+    """(chunk size, start, end) of ``rank``'s piece of a flattened parameter: ZeRO-3's partition
+    (ceil(numel / world) elements each, the padding at the end) which is also DTensor's Shard(0)."""
+    size = math.ceil(numel / world)
+    start = min(numel, rank * size)
+    return size, start, min(numel, start + size)
+
+
+class ShardedEMA(EMA):
+    """EMA in fp32, each rank keeping its ZeRO-3 partition of every flattened parameter.
+
+    Under ZeRO-3 the local piece is updated from the local partition ``p.ds_tensor`` (no gather);
+    under ZeRO 0/1/2 (full weights on every rank) from the same slice of the full weight, so the
+    layout, and the checkpoint, are the same at every stage. ``shadow`` holds 1-D DTensors
+    (``Shard(0)`` over all ranks, uneven at the end like ZeRO's partition) so that
+    ``torch.distributed.checkpoint`` reshards the EMA to another world size.
+
+    The EMA follows the engine's working weights (bf16 under ``bf16``, in an fp32 accumulator)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, start_step: int = 0,
+                 device_type: str = "cpu"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        self.decay, self.warmup, self.start_step = decay, warmup, start_step
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.zero3 = is_zero3(model)
+        params = list(model.parameters())
+        self.names = [clean_name(n) for n, _ in model.named_parameters()]
+        self.shapes = [tuple(p.ds_shape) if self.zero3 else tuple(p.shape) for p in params]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.bounds = [_flat_chunk(n, self.rank, self.world) for n in self.numels]
+        if self.zero3:
+            for name, p, (size, _, _) in zip(self.names, params, self.bounds):
+                if p.ds_tensor.numel() != size:
+                    raise RuntimeError(f"ZeRO-3 partition of {name} has {p.ds_tensor.numel()} elements, expected "
+                                       f"{size}: a partitioning other than plain data-parallel is not supported here")
+        mesh = init_device_mesh(device_type, (self.world,))
+        with torch.no_grad():
+            self.local = [s.detach().float().clone() for s in self._sources(params)]
+        self.shadow = [DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=(n,), stride=(1,))
+                       for t, n in zip(self.local, self.numels)]
+
+    def _sources(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's piece of each (flattened) live weight, as views."""
+        out = []
+        for p, (_, start, end) in zip(params, self.bounds):
+            if self.zero3:
+                out.append(p.ds_tensor.data.view(-1)[: end - start])
+            else:
+                out.append(p.data.view(-1)[start:end])
+        return out
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        src = [s if s.dtype == torch.float32 else s.float() for s in self._sources(list(model.parameters()))]
+        torch._foreach_lerp_(self.local, src, weight)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {missing[:5]}")
+        with torch.no_grad():
+            for name, local, shadow, (_, start, end) in zip(self.names, self.local, self.shadow, self.bounds):
+                src = state[name]
+                if src is shadow:  # loaded in place by DCP
+                    continue
+                local.copy_(src.to_local() if hasattr(src, "to_local") else src.reshape(-1)[start:end])
+
+    def _write(self, params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        for dst, v in zip(self._sources(params), values):
+            dst.copy_(v)
+        if self.zero3:
+            # persistent (small) parameters stay gathered between steps: refresh their full copy
+            persistent = [p for p in params if getattr(p, "ds_persist", False)]
+            if persistent:
+                persistent[0].all_gather(persistent)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily put the EMA weights into ``model``, e.g. to sample (collective: every rank
+        calls it). ZeRO-3: written into the local partitions, nothing gathered beyond what the
+        forward gathers anyway; ZeRO 0/1/2: one parameter's EMA gathered at a time."""
+        params = list(model.parameters())
+        with torch.no_grad():
+            if self.zero3:
+                backup = [s.clone() for s in self._sources(params)]
+                self._write(params, self.local)
+            else:
+                backup = [p.data.clone() for p in params]
+                for p, s in zip(params, self.shadow):
+                    p.data.copy_(s.full_tensor().view(p.shape))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                if self.zero3:
+                    self._write(params, backup)
+                else:
+                    for p, b in zip(params, backup):
+                        p.data.copy_(b)
+
+
+def make_ema(trainer) -> ShardedEMA:
+    """The trainer's EMA under DeepSpeed (call after :func:`build_engine`)."""
+    e = trainer.cfg.ema
+    return ShardedEMA(trainer.raw_model, e.decay, e.warmup, e.start_step, device_type=trainer.device.type)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def tensor_state(trainer) -> dict[str, Any]:
+    """What goes through ``torch.distributed.checkpoint``: the sharded EMA. Weights, optimizer
+    and schedule are written by the engine itself (:func:`save_engine`)."""
+    return {"ema": trainer.ema.state_dict()}
+
+
+def set_tensor_state(trainer, state: dict[str, Any]) -> None:
+    trainer.ema.load_state_dict(state["ema"])
+
+
+def save_engine(trainer, ckpt_dir: Path) -> None:
+    """Collective: the engine's sharded files into ``<ckpt_dir>/deepspeed/`` (the checkpoint's
+    temporary directory; the manager checksums and renames it with the rest)."""
+    trainer.engine.save_checkpoint(str(Path(ckpt_dir) / DS_SUBDIR), tag=DS_TAG, client_state={"step": trainer.step},
+                                   save_latest=False)
+
+
+def to_universal(ckpt_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ``ckpt_dir`` (converted once, by the calling process,
+    into ``<ckpt_dir>/deepspeed_universal`` through a temporary directory and one rename). Returns
+    the directory to pass to ``load_checkpoint`` (its tag is :data:`DS_TAG`)."""
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / UNIVERSAL_SUBDIR
+    if (out / DS_TAG).is_dir():
+        return out
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = ckpt_dir / (UNIVERSAL_SUBDIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    args = Namespace(input_folder=str(ckpt_dir / DS_SUBDIR / DS_TAG), output_folder=str(tmp / DS_TAG),
+                     num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=False)
+    ds_to_universal(args)
+    os.replace(tmp, out)
+    return out
+
+
+def load_engine(trainer, ckpt_dir: Path) -> None:
+    """Collective: restore the engine from ``<ckpt_dir>/deepspeed/``; through the universal
+    format when the checkpoint was written by another world size (rank 0 converts, once)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / DS_SUBDIR / DS_TAG).is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {ckpt_dir} has no DeepSpeed state ({DS_SUBDIR}/{DS_TAG}); was it written by "
+            f"parallel.backend=deepspeed?"
+        )
+    tstate = json.loads((ckpt_dir / "trainer.json").read_text())
+    saved_world = int(tstate.get("world_size", trainer.dist.world_size))
+    engine = trainer.engine
+    if saved_world == trainer.dist.world_size:
+        path, _ = engine.load_checkpoint(str(ckpt_dir / DS_SUBDIR), tag=DS_TAG)
+    else:
+        if trainer.dist.is_main:
+            log.info("checkpoint %s was written by %d ranks, this run has %d: converting it to DeepSpeed's "
+                     "universal format", ckpt_dir, saved_world, trainer.dist.world_size)
+            to_universal(ckpt_dir)
+        barrier()
+        engine._config.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(str(ckpt_dir / UNIVERSAL_SUBDIR), tag=DS_TAG)
+        finally:
+            engine._config.load_universal_checkpoint = False
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir / DS_SUBDIR}")
+
+
+def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {clean_name(k): v for k, v in sd.items()}
+
+
+def load_consolidated(ckpt_path: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """Full plain fp32 weights on CPU, in this process, no process group needed.
+
+    ``key="model"``: the fp32 master weights, merged from the ZeRO partitions (DeepSpeed's
+    zero_to_fp32; stage 0: the module state). ``key="ema"``: the EMA shards from the DCP part,
+    reshaped to the parameters' shapes."""
+    ckpt_path = Path(ckpt_path)
+    if key == "model":
+        ds_dir = ckpt_path / DS_SUBDIR
+        tag_dir = ds_dir / DS_TAG
+        if any(tag_dir.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+        else:  # ZeRO stage 0: the module's weights are in the model states file
+            files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise FileNotFoundError(f"no DeepSpeed model states in {tag_dir}")
+            sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in _strip_module(sd).items()}
+    if key == "ema":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(ckpt_path)).read_metadata()
+        sizes = {k[len("ema."):]: tuple(v.size) for k, v in meta.state_dict_metadata.items()
+                 if k.startswith("ema.") and hasattr(v, "size")}
+        if not sizes:
+            raise KeyError(f"checkpoint {ckpt_path} holds no EMA")
+        flat = {name: torch.empty(size) for name, size in sizes.items()}
+        dcp.load({"ema": flat}, checkpoint_id=str(ckpt_path))
+        shapes = _param_shapes(ckpt_path)
+        return {name: t.view(shapes[name]) if name in shapes else t for name, t in flat.items()}
+    raise ValueError(f"key must be 'model' or 'ema', not {key!r}")
+
+
+def _param_shapes(ckpt_path: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes from the architecture in trainer.json (the EMA is stored flattened)."""
+    from ..config import from_dict, model_args_from
+    from ..models import MPDiT
+
+    tstate = json.loads((ckpt_path / "trainer.json").read_text())
+    with torch.device("meta"):
+        model = MPDiT(model_args_from(from_dict(tstate["config"]).model))
+    return {clean_name(n): tuple(p.shape) for n, p in model.named_parameters()}
