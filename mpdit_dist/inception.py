@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -340,20 +341,28 @@ class InceptionFeatures(nn.Module):
         return self._checksum
 
 
+def _is_torchscript(path: Path) -> bool:
+    # a TorchScript archive is a zip holding compiled code next to its pickled constants
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A plain state dict (pytorch-fid's file) or the state dict of a TorchScript module."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as load_error:  # not a weights-only pickle: try TorchScript
-        try:
+        if _is_torchscript(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.10 deprecates TorchScript
                 obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception:
-            raise FeatureNetError(
-                f"{path}: neither a PyTorch state-dict file nor a TorchScript module "
-                f"({type(load_error).__name__}: {load_error}). {_WEIGHTS_HELP}"
-            ) from load_error
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as load_error:
+        raise FeatureNetError(
+            f"{path}: neither a PyTorch state-dict file nor a TorchScript module "
+            f"({type(load_error).__name__}: {load_error}). {_WEIGHTS_HELP}"
+        ) from load_error
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
