@@ -172,7 +172,13 @@ def test_usr2_reaches_every_task_and_rank0_requeues(slurm_jobs, tmp_path):
     # cred_expire=10 holds a requeued job ~11 s, sched_interval=2 adds up to 2 s; SLURM's default
     # (120 s) would fail here.
     assert delay < 45
-    states = [state for _, state in sacct_records(job.job_id)]
+    # Accounting keeps both runs: the first one REQUEUED, the second COMPLETED (once the job
+    # record is closed, a moment after the results are written).
+    deadline = time.monotonic() + 15
+    while (states := [state for _, state in sacct_records(job.job_id)])[-1:] != ["COMPLETED"]:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert states == ["REQUEUED", "COMPLETED"], states
 
 
