@@ -337,6 +337,59 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
     return manifest
 
 
+# ------------------------------------------------------------------------------------------ writing precomputed latents
+
+
+def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels: np.ndarray,
+                  class_names: Sequence[str], samples_per_shard: int, formats: Sequence[str] = FORMATS,
+                  encoder: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write already computed latents as a dataset (same writer, shards and manifest as encode).
+
+    ``latents`` maps field names to arrays ``(N, C, H, W)``: ``{"latent": ...}`` (store=sample) or
+    ``{"mean": ..., "std": ...}`` (store=moments), plus ``flip_*`` for flips. For converting latents
+    made elsewhere (e.g. per-image .npy files) and for benchmarks. Single process.
+    """
+    out = Path(out)
+    store = "moments" if "mean" in latents else "sample"
+    flip = any(k.startswith("flip_") for k in latents)
+    fields = mf.latent_fields(store, flip)
+    if sorted(fields) != sorted(latents):
+        raise ValueError(f"latents has fields {sorted(latents)}, expected {fields}")
+    n = len(labels)
+    shape = list(latents[fields[0]].shape[1:])
+    formats = sorted(set(formats))
+    num_shards = (n + samples_per_shard - 1) // samples_per_shard
+    config = {
+        "version": 1, "resolution": None, "encoder": encoder or {"id": "precomputed", "scaling_factor": 1.0},
+        "formats": formats, "samples_per_shard": samples_per_shard, "flip": flip, "store": store,
+        "latent_shape": shape, "class_names": list(class_names), "num_images": n, "num_shards": num_shards,
+        "images_sha256": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
+        (out / d).mkdir(exist_ok=True)
+    _check_config(out, config)
+    for s in range(num_shards):
+        lo, hi = s * samples_per_shard, min(n, (s + 1) * samples_per_shard)
+        stats = mf.channel_stats_init(shape[0])
+        samples = []
+        for i in range(lo, hi):
+            rec = {"key": mf.sample_key(i), "label": int(labels[i]), "path": ""}
+            rec.update({f: _to_fp16(latents[f][i]) for f in fields})
+            samples.append(rec)
+        for prefix in ("", "flip_") if flip else ("",):
+            if store == "moments":
+                mf.channel_stats_add(stats, _to_fp16(latents[prefix + "mean"][lo:hi]),
+                                     _to_fp16(latents[prefix + "std"][lo:hi]))
+            else:
+                mf.channel_stats_add(stats, _to_fp16(latents[prefix + "latent"][lo:hi]))
+        result = {"samples": samples, "failures": [], "stats": stats}
+        _commit_shard(out, s, result, formats, fields, shape, lo, hi - lo, kill_now=False)
+    manifest = finalize(out)
+    assert manifest is not None
+    return manifest
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
