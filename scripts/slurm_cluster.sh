@@ -55,11 +55,12 @@ cmd_install() {
     local policy=/usr/sbin/policy-rc.d created_policy=0
     if [[ ! -e $policy ]]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && created_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-    [[ $created_policy -eq 1 ]] && rm -f "$policy"
+    if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; trap - EXIT; fi
     local still
     still="$(missing_binaries)"
     [[ -z "$still" ]] || die "after apt-get install these binaries are still missing: $still"
