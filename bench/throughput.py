@@ -470,7 +470,8 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
     row: dict[str, Any] = {"label": v.label, "model": v.model, "impl": "official" if v.official else "ours",
                            "compile": v.compile, "attention": "timm" if v.official else v.attention,
                            "precision": precision, "batch": batch, "ac": ac, "status": "ok"}
-    setup = None
+    setup = tr = timer = loss = None
+    free_device_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if v.compile:
@@ -542,7 +543,10 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     finally:
-        del setup
+        # drop every reference to the model, optimizer and EMA before emptying the cache
+        setup = tr = timer = loss = None  # noqa: F841
+        if v.compile:
+            torch._dynamo.reset()
         free_device_memory()
     return row
 
