@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from mpdit_dist.inception import FeatureNetError, InceptionFeatures, load_feature_net
 from mpdit_dist.metrics import (
     frechet_distance,
-    frechet_distance_from_features,
+    frechet_distance_low_rank,
     gaussian_stats,
     inception_score,
     precision_recall,
@@ -211,8 +211,6 @@ class ReferenceStats:
     ``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial) feed FID and sFID;
     ``pool_features`` (the reference images' pool_3 features) feed precision and recall and may be
     None when the reference holds statistics only (then precision and recall are not computed).
-    ``spatial_features`` are kept only for small references (fewer images than dimensions), where
-    the Fréchet distances are computed exactly from features (see ``frechet_distance_from_features``).
     ``stats_source`` is ``"npz"`` when the statistics came precomputed in the reference file
     (ADM's reference batches), ``"computed"`` when computed from its images.
     """
@@ -222,7 +220,6 @@ class ReferenceStats:
     mu_s: np.ndarray
     sigma_s: np.ndarray
     pool_features: Optional[np.ndarray] = None
-    spatial_features: Optional[np.ndarray] = None
     stats_source: str = "computed"
     num_images: int = 0
     sha256: Optional[str] = None
@@ -237,14 +234,12 @@ class ReferenceStats:
         if missing:
             raise EvaluationError(f"reference statistics lack {missing}")
         pool = stats.get("pool_features")
-        spatial = stats.get("spatial_features")
         return cls(
             mu=np.asarray(stats["mu"], np.float64),
             sigma=np.asarray(stats["sigma"], np.float64),
             mu_s=np.asarray(stats["mu_s"], np.float64),
             sigma_s=np.asarray(stats["sigma_s"], np.float64),
             pool_features=None if pool is None else np.asarray(pool, np.float32),
-            spatial_features=None if spatial is None else np.asarray(spatial, np.float32),
             stats_source=str(stats.get("stats_source", "given")),
             num_images=0 if pool is None else len(pool),
             cache="off",
@@ -295,7 +290,6 @@ def _load_cache(path: Path, ref_sha: str, net_checksum: str) -> Optional[Referen
                 mu_s=data["mu_s"],
                 sigma_s=data["sigma_s"],
                 pool_features=data["pool_features"] if meta["has_pool_features"] else None,
-                spatial_features=data["spatial_features"] if meta["has_spatial_features"] else None,
                 stats_source=meta["stats_source"],
                 num_images=int(meta["num_images"]),
                 sha256=ref_sha,
@@ -316,7 +310,6 @@ def _save_cache(path: Path, stats: ReferenceStats) -> bool:
         "stats_source": stats.stats_source,
         "num_images": stats.num_images,
         "has_pool_features": stats.pool_features is not None,
-        "has_spatial_features": stats.spatial_features is not None,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,9 +324,6 @@ def _save_cache(path: Path, stats: ReferenceStats) -> bool:
                 mu_s=stats.mu_s,
                 sigma_s=stats.sigma_s,
                 pool_features=stats.pool_features if stats.pool_features is not None else np.zeros((0, 0), np.float32),
-                spatial_features=(
-                    stats.spatial_features if stats.spatial_features is not None else np.zeros((0, 0), np.float32)
-                ),
             )
         os.replace(tmp, path)
         return True
@@ -413,11 +403,9 @@ def _compute_reference(
         spatial_stats = gaussian_stats(features.spatial, device)
         mu, sigma, mu_s, sigma_s = pool_stats.mu, pool_stats.sigma, spatial_stats.mu, spatial_stats.sigma
         source = "computed"
-    small = features is not None and len(features) < features.spatial.shape[1]
     return ReferenceStats(
         mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s,
         pool_features=None if features is None else features.pool,
-        spatial_features=features.spatial if small else None,
         stats_source=source,
         num_images=0 if features is None else len(features),
     )
@@ -448,12 +436,8 @@ def metrics_from_features(
                 f"reference {name} has {theirs} dims but the samples' features have {mine}: "
                 "was the reference made with another feature network or input size?"
             )
-    # Reference features stand in for its statistics only when the statistics came from them.
-    own = reference.stats_source == "computed"
-    fid, fid_route = _frechet(samples.pool, reference.mu, reference.sigma, reference.pool_features if own else None, device)
-    sfid, _ = _frechet(
-        samples.spatial, reference.mu_s, reference.sigma_s, reference.spatial_features if own else None, device
-    )
+    fid, fid_route = _frechet(samples.pool, reference.mu, reference.sigma, device)
+    sfid, sfid_route = _frechet(samples.spatial, reference.mu_s, reference.sigma_s, device)
     result: dict[str, Any] = {
         "inception_score": inception_score(samples.logits, is_split_size),
         "fid": fid,
@@ -480,6 +464,7 @@ def metrics_from_features(
         reference_sha256=reference.sha256,
         feature_net_checksum=reference.feature_net_checksum,
         fid_route=fid_route,
+        sfid_route=sfid_route,
         pr_k=k,
         is_split_size=is_split_size,
         is_num_splits=math.ceil(n / is_split_size),
@@ -487,10 +472,10 @@ def metrics_from_features(
     return result
 
 
-def _frechet(sample_features: np.ndarray, ref_mu, ref_sigma, ref_features: Optional[np.ndarray], device):
-    """ADM's route (statistics, scipy sqrtm) unless both sets have fewer points than dimensions."""
-    if ref_features is not None and len(sample_features) + len(ref_features) <= sample_features.shape[1]:
-        return frechet_distance_from_features(sample_features, ref_features, device), "features"
+def _frechet(sample_features: np.ndarray, ref_mu, ref_sigma, device):
+    """ADM's route (statistics, scipy sqrtm), or the exact low-rank one for fewer samples than dims."""
+    if len(sample_features) < sample_features.shape[1]:
+        return frechet_distance_low_rank(sample_features, ref_mu, ref_sigma, device), "low_rank"
     stats = gaussian_stats(sample_features, device)
     return frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma), "sqrtm"
 

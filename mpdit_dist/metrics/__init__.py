@@ -8,7 +8,7 @@ networks; :mod:`mpdit_dist.evaluate` feeds them.
 from .frechet import (
     GaussianStats,
     frechet_distance,
-    frechet_distance_from_features,
+    frechet_distance_low_rank,
     frechet_distance_stats,
     gaussian_stats,
 )
@@ -18,7 +18,7 @@ from .precision_recall import knn_radii, pairwise_sq_distances, precision_recall
 __all__ = [
     "GaussianStats",
     "frechet_distance",
-    "frechet_distance_from_features",
+    "frechet_distance_low_rank",
     "frechet_distance_stats",
     "gaussian_stats",
     "inception_score",
