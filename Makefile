@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the release this project is tested with; any torch>=2.6 works (setup.cfg).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-unit test-distributed demo clean
+.PHONY: setup test test-unit test-distributed test-slurm slurm-up slurm-down demo clean
 
 $(VENV)/.installed: setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test-unit: setup
 test-distributed: setup
 	$(PY) -m pytest -q tests/distributed
 
+test-slurm: setup
+	$(PY) -m pytest -q tests/slurm
+
+slurm-up:
+	scripts/slurm_cluster.sh install && scripts/slurm_cluster.sh start
+
+slurm-down:
+	scripts/slurm_cluster.sh stop
+
+# the demo: digits -> latent shards -> training -> samples, left in results/demo
 demo: setup
 	$(PY) -m mpdit_dist.demo
 

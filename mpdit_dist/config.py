@@ -131,7 +131,8 @@ class ParallelConfig:
     cpu_offload: bool = False
     activation_checkpointing: str = "none"  # none | full | every_n
     ac_every: int = 2
-    compile: bool = False  # torch.compile per block
+    compile: bool = False  # torch.compile
+    compile_scope: str = "blocks"  # blocks: each block alone (FSDP2-friendly) | model: the whole forward
     compile_mode: Optional[str] = None
 
 
@@ -211,6 +212,7 @@ def validate(cfg: Config) -> None:
         "parallel.backend": (cfg.parallel.backend, ("auto", "none", "ddp", "fsdp2", "deepspeed")),
         "parallel.activation_checkpointing": (cfg.parallel.activation_checkpointing, ("none", "full", "every_n")),
         "launch.cluster": (cfg.launch.cluster, ("slurm", "local", "debug")),
+        "parallel.compile_scope": (cfg.parallel.compile_scope, ("blocks", "model")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -38,9 +38,16 @@ def apply_activation_checkpointing(model: MPDiT, mode: str, every: int = 2) -> N
     _replace_blocks(model, wrap)
 
 
-def apply_compile(model: MPDiT, mode: str | None = None) -> None:
-    """Regional compilation: each block compiled on its own (fullgraph)."""
-    _replace_blocks(model, lambda _i, block: torch.compile(block, fullgraph=True, mode=mode))
+def apply_compile(model: MPDiT, mode: str | None = None, scope: str = "blocks") -> None:
+    """``blocks``: regional compilation, each block on its own (fullgraph); compiles fast and
+    suits FSDP2's per-block wrapping. ``model``: the whole forward as one graph, which also fuses
+    the glue between blocks, the stage entries and the FNO time embedder's small fp32 ops.
+    Both compile in place (``Module.compile``), so parameter names do not change."""
+    if scope == "model":
+        model.compile(mode=mode)
+        return
+    for block in model.blocks():
+        block.compile(fullgraph=True, mode=mode)
 
 
 def build_mesh(dist_info: DistInfo, hsdp_replicas: int):
@@ -83,7 +90,9 @@ def parallelize(model: MPDiT, pcfg, dist_info: DistInfo, backend: str, mixed_pre
     """Apply the configured wrappers; returns the module the trainer calls."""
     apply_activation_checkpointing(model, pcfg.activation_checkpointing, pcfg.ac_every)
     if pcfg.compile:
-        apply_compile(model, pcfg.compile_mode)
+        if pcfg.compile_scope == "model" and backend == "fsdp2":
+            raise ValueError("parallel.compile_scope=model is not supported with fsdp2: use blocks")
+        apply_compile(model, pcfg.compile_mode, pcfg.compile_scope)
     if backend == "fsdp2":
         apply_fsdp2(model, dist_info, pcfg, mixed_precision)
         return model
