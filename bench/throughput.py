@@ -667,6 +667,27 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def loss_agreement(rows: list[dict[str, Any]]) -> list[str]:
+    """Every variant of one model (same implementation) took the same steps from the same weights on
+    the same data, so their last fused-pass losses differ only by rounding: a cheap numerics check on
+    the device itself. Adds ``loss_rel_diff`` (to the first such variant) to each row."""
+    lines = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((r["impl"], r["model"]), []).append(r)
+    for (impl, model), group in groups.items():
+        ref = group[0]
+        for r in group:
+            r["loss_rel_diff"] = abs(r["loss"] - ref["loss"]) / abs(ref["loss"]) if ref["loss"] else float("nan")
+        if len(group) > 1:
+            worst = max(group, key=lambda r: r["loss_rel_diff"])
+            lines.append(f"loss agreement, {'official ' if impl == 'official' else ''}{model}: last losses of "
+                         f"{len(group)} variants within {worst['loss_rel_diff']:.2e} relative "
+                         f"(of {ref['label']}: {ref['loss']:.6f})")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Throughput of one MPDiT/DiT training step (the trainer's own step).",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -742,6 +763,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           device=device, overrides=overrides, ac=args.ac, optimizer_fused=fused,
                           official_module=official_module, profile=args.profile,
                           profile_steps_n=args.profile_steps, seed=args.seed)
+        for note in row.get("notes", []):
+            print(f"#   note: {note}", flush=True)
         if row["status"] != "ok":
             print(f"#   {row['status']}: {row.get('error')}", flush=True)
         if "profile" in row:
@@ -749,8 +772,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         elif "profile_error" in row:
             print(f"#   profile failed: {row['profile_error']}", flush=True)
         rows.append(row)
+    agreement = loss_agreement(rows)
     print()
     print(format_table(rows))
+    for line in agreement:
+        print(line)
     for s in skipped:
         print(f"{s['label']}: skipped ({s['error']})")
     result = {

@@ -77,7 +77,10 @@ def test_cli_writes_consistent_json(tmp_path, capsys):
         assert prof["total_ms_per_step"] > 0 and prof["categories"]["matrix products"] > 0
         assert prof["categories"]["attention"] > 0
         assert sum(prof["categories"].values()) == pytest.approx(prof["total_ms_per_step"])
+    # same weights, data and steps: the two attention kernels end at the same loss (fp32 rounding)
+    assert rows[0]["loss_rel_diff"] == 0.0 and rows[1]["loss_rel_diff"] < 1e-5
     table = capsys.readouterr().out
+    assert "loss agreement, custom: last losses of 2 variants" in table
     assert "custom [math, eager]" in table and "custom [sdpa, eager]" in table
     assert "matrix products" in table
 
