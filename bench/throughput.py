@@ -188,13 +188,17 @@ def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, 
     torch.manual_seed(seed)  # identical initial weights for every variant of a model
     notes: list[str] = []
     if official_module is None:
-        model = create_model(model_name, **overrides)
+        # built on the device: initialising ~500M parameters on the host costs GPU-lease time for
+        # nothing (the weights then differ from a CPU-built model's, the step's cost does not)
+        with device:
+            model = create_model(model_name, **overrides)
         args = model.args
         model.to(device)
         wrapped = parallelize(model, cfg.parallel, trainer.dist, "none", mixed_precision=trainer.bf16)
         impl = "ours"
     else:
-        model, args, notes = build_official(official_module, model_name, overrides)
+        with device:
+            model, args, notes = build_official(official_module, model_name, overrides)
         model.to(device)
         # the same wrappers as parallelize, on the official block lists
         if ac != "none":
@@ -353,9 +357,9 @@ CATEGORIES: list[tuple[str, re.Pattern]] = [
     ("optimizer", re.compile(r"adam|multi_tensor_apply|_foreach_|optimizer|clip_grad|lpnorm", re.I)),
     ("layernorm", re.compile(r"layer_?norm", re.I)),
     ("matrix products", re.compile(r"gemm|matmul|aten::(mm|addmm|bmm|baddbmm|linear|conv|_convolution|mkldnn)|"
-                                   r"nvjet|xmma|cutlass|cublas|ampere_|hopper_|sm\d\d_|conv", re.I)),
+                                   r"nvjet|xmma|cutlass|cublas|ampere_|hopper_|sm\d\d_|convol|conv[12]d", re.I)),
     ("FFT", re.compile(r"fft", re.I)),
-    ("casts/copies", re.compile(r"copy|cast|aten::to\b|_to_copy|clone|contiguous|aten::cat|catarray|memcpy|memset|"
+    ("casts/copies", re.compile(r"copy|cast|convert|aten::to\b|_to_copy|clone|contiguous|aten::cat|catarray|memcpy|memset|"
                                 r"fill|zero_|index|gather|scatter|embedding|permute|reshape|view|transpose|"
                                 r"expand|slice|unbind|split|stack|select", re.I)),
     ("reductions", re.compile(r"reduce|aten::(sum|mean|norm|max|min|amax|linalg_vector_norm)|triton_(red|per)_", re.I)),
@@ -463,6 +467,7 @@ def free_device_memory() -> None:
 
 
 def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: int, device: torch.device,
+                phase_steps: Optional[int] = None,
                 overrides: dict[str, Any], ac: str = "none", optimizer_fused: Optional[bool] = None,
                 official_module=None, profile: bool = False, profile_steps_n: int = 3, seed: int = 0) -> dict[str, Any]:
     """Build, warm up (compiles here), time fused, time phases, optionally profile; never raises
@@ -510,7 +515,7 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
 
         stage = "phase timing"
         timer = PhaseTimer(device)
-        for _ in range(steps):
+        for _ in range(phase_steps or steps):
             instrumented_step(tr, setup.batch_cpu, timer)
         row["phases_ms"] = timer.mean_ms()
         row["phases_step_ms_mean"] = statistics.fmean(timer.step_ms)
@@ -700,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", default="auto", help=f"comma list of {'|'.join(ATTENTION_BACKENDS)}")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per pass")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--phase-steps", type=int, default=10, help="steps of the instrumented (phase split) pass")
     ap.add_argument("--device", default="auto", help="auto, cuda or cpu")
     ap.add_argument("--input-size", type=int, default=32, help="latent side (256 px / 8)")
     ap.add_argument("--in-channels", type=int, default=4)
@@ -725,8 +731,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.warmup < 1:
-        raise SystemExit(f"--steps {args.steps} --warmup {args.warmup}: both must be >= 1")
+    if min(args.steps, args.warmup, args.phase_steps) < 1:
+        raise SystemExit(f"--steps {args.steps} --warmup {args.warmup} --phase-steps {args.phase_steps}: "
+                         f"each must be >= 1")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     bad = [a for a in attentions if a not in ATTENTION_BACKENDS]
@@ -760,7 +767,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for v in variants:
         print(f"# {v.label} ...", flush=True)
         row = run_variant(v, batch=args.batch, precision=args.precision, steps=args.steps, warmup=args.warmup,
-                          device=device, overrides=overrides, ac=args.ac, optimizer_fused=fused,
+                          phase_steps=args.phase_steps, device=device, overrides=overrides, ac=args.ac, optimizer_fused=fused,
                           official_module=official_module, profile=args.profile,
                           profile_steps_n=args.profile_steps, seed=args.seed)
         for note in row.get("notes", []):
@@ -782,7 +789,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     result = {
         "env": env,
         "settings": {k: getattr(args, k) for k in ("models", "batch", "precision", "compile", "attention", "steps",
-                                                   "warmup", "ac", "optimizer_fused", "seed", "official")},
+                                                   "warmup", "phase_steps", "ac", "optimizer_fused", "seed", "official")},
         "overrides": overrides,
         "phases": list(PHASES),
         "notes": ("img_per_s = batch / step_ms_mean of the fused pass (Trainer.train_step back to back, "

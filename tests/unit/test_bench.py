@@ -166,6 +166,7 @@ def test_bf16_attention_paths_agree_within_bf16_noise():
     ("aten::lerp_", "EMA"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>", "casts/copies"),
     ("Memcpy HtoD (Pinned -> Device)", "casts/copies"),
+    ("void at::native::unrolled_elementwise_kernel<convert_float_to_bfloat16>", "casts/copies"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "layernorm"),
     ("triton_per_fused_native_layer_norm_3", "layernorm"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t>>", "reductions"),
