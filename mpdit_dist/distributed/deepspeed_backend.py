@@ -136,10 +136,24 @@ def build_engine(model: nn.Module, cfg: C.Config, dist_info: DistInfo, micro: in
         model=model, optimizer=client_opt, lr_scheduler=sched, config=ds_cfg,
         model_parameters=None if client_opt is not None else model.parameters(),
     )
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled():
+        _record_stage0_grad_norm(engine)
     if dist_info.is_main:
         log.info("DeepSpeed ZeRO stage %d, bf16=%s, micro=%d x accum=%d x world=%d", ds_cfg["zero_optimization"]["stage"],
                  ds_cfg.get("bf16", {}).get("enabled"), micro, accum, dist_info.world_size)
     return engine, optimizer, scheduler
+
+
+def _record_stage0_grad_norm(engine) -> None:
+    """Without ZeRO and in fp32 the engine clips with a torch-style optimizer that keeps no norm,
+    so ``get_global_grad_norm()`` would be None: keep the norm the clipping computes."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
 
 
 def is_zero3(model: nn.Module) -> bool:
@@ -281,8 +295,14 @@ def set_tensor_state(trainer, state: dict[str, Any]) -> None:
 def save_engine(trainer, ckpt_dir: Path) -> None:
     """Collective: the engine's sharded files into ``<ckpt_dir>/deepspeed/`` (the checkpoint's
     temporary directory; the manager checksums and renames it with the rest)."""
-    trainer.engine.save_checkpoint(str(Path(ckpt_dir) / DS_SUBDIR), tag=DS_TAG, client_state={"step": trainer.step},
-                                   save_latest=False)
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    # ds_to_universal needs the client to declare the layout (ZeRO 1/2); plain data parallelism has
+    # no tensor- or pipeline-parallel patterns, so the version alone describes it
+    client = {"step": trainer.step,
+              UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    trainer.engine.save_checkpoint(str(Path(ckpt_dir) / DS_SUBDIR), tag=DS_TAG, client_state=client, save_latest=False)
 
 
 def to_universal(ckpt_dir: Path) -> Path:

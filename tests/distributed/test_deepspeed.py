@@ -1,0 +1,178 @@
+"""DeepSpeed ZeRO 1/2/3 on gloo: real torchrun processes training the demo model on real digits.
+
+Each stage trains 6 steps on 2 ranks with gradient accumulation (micro-batch 3, per-rank batch 6),
+saving a checkpoint at step 3. That one run is compared with the plain one-process run (backend
+none), resumed from its step-3 checkpoint on 2 ranks (same world: bitwise), on 1 rank and on 3
+ranks (another world: DeepSpeed's universal checkpoint, converted for the user), and exported.
+
+Tolerances (fp32 on CPU): losses relative 1e-6. The ranks reduce in another order and ZeRO sums
+flat buffers, so the sums differ in the last bits (seen: up to 2e-7 relative); 1e-6 is five
+times that and far below any real change (one skipped or doubled step moves the loss by 1e-2).
+Weights after 6 AdamW steps at lr 1e-3: absolute 1e-5 (seen: 2e-6), where one step moves a weight
+by up to 1e-3. bf16 against fp32: relative 1e-3 on the loss (seen: 2e-4).
+
+Slow: every DeepSpeed process spends 10-20 s importing DeepSpeed and building the engine on 2 busy
+cores.
+"""
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from tests.helpers.runs import PY, REPO, digits_npz, env, losses, train
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.steps=6", "train.ckpt_every=3", "optim.warmup_steps=0"]  # lr 1e-3 from the start: weights move
+DS = ["parallel.backend=deepspeed", "data.micro_batch_size=3"]  # global 12 = 2 ranks x 2 micro-batches x 3
+STAGES = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, npz):
+    run = tmp_path_factory.mktemp("plain") / "run"
+    train(run, npz, STEPS + ["train.sample_every=3", "train.sample_steps=2"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, npz):
+    """stage -> run dir of 6 steps on 2 ranks (stage 3 also samples with the EMA at step 3)."""
+    runs = {}
+    root = tmp_path_factory.mktemp("ds2")
+    for stage in STAGES:
+        run = root / f"zero{stage}"
+        extra = ["train.sample_every=3", "train.sample_steps=2"] if stage == 3 else []
+        train(run, npz, STEPS + DS + [f"parallel.zero_stage={stage}"] + extra, nproc=2)
+        runs[stage] = run
+    return runs
+
+
+def ckpt(run, step):
+    return run / "checkpoints" / f"step_{step:08d}"
+
+
+def assert_losses_close(got: dict, want: dict, rel: float, steps):
+    assert sorted(got) == list(steps), f"logged steps {sorted(got)}"
+    for s in steps:
+        assert got[s] == pytest.approx(want[s], rel=rel), f"step {s}: {got[s]!r} vs {want[s]!r}"
+
+
+def exported(run, tmp_path, ema: bool, via_cli: bool = False) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = tmp_path / f"{run.parent.name}-{run.name}-{'ema' if ema else 'raw'}.safetensors"
+    args = [str(run), "--out", str(out)] + (["--ema"] if ema else [])
+    if via_cli:
+        subprocess.run([PY, "-m", "mpdit_dist.export", *args], cwd=REPO, env=env(), check=True,
+                       capture_output=True, timeout=300)
+    else:
+        from mpdit_dist.export import main
+
+        main(args)
+    return load_file(str(out))
+
+
+def assert_weights_close(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_generated_config_and_user_override(tmp_path):
+    from mpdit_dist import config as C
+    from mpdit_dist.distributed.deepspeed_backend import deepspeed_config
+
+    cfg = C.load_config(str(REPO / "configs/demo.yaml"), ["parallel.zero_stage=3", "optim.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, world_size=4, micro=4, accum=4, bf16=True)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 3} and ds["bf16"] == {"enabled": True}
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": False}}))
+    cfg = C.load_config(str(REPO / "configs/demo.yaml"), ["parallel.zero_stage=2", f"parallel.deepspeed_config={user}"])
+    ds = deepspeed_config(cfg, world_size=4, micro=4, accum=4, bf16=True)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged key by key
+    assert ds["bf16"] == {"enabled": False}
+
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(C.ConfigError, match="train_micro_batch_size_per_gpu=8"):
+        deepspeed_config(cfg, world_size=4, micro=4, accum=4, bf16=False)
+    cfg = C.load_config(str(REPO / "configs/demo.yaml"), ["parallel.zero_stage=4"])
+    with pytest.raises(C.ConfigError, match="parallel.zero_stage=4"):
+        deepspeed_config(cfg, world_size=1, micro=1, accum=1, bf16=False)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_match_plain_run(stage, two_rank_runs, plain):
+    assert_losses_close(losses(two_rank_runs[stage]), losses(plain), 1e-6, range(1, 7))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_same_world_is_exact(stage, tmp_path, npz, two_rank_runs):
+    full = two_rank_runs[stage]
+    run = tmp_path / "resumed"
+    train(run, npz, STEPS + DS + [f"parallel.zero_stage={stage}", "--resume", str(ckpt(full, 3))], nproc=2)
+    want = losses(full)
+    assert losses(run) == {s: want[s] for s in (4, 5, 6)}  # bitwise on CPU
+    for ema in (False, True):
+        a, b = exported(full, tmp_path, ema), exported(run, tmp_path, ema)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_world_size_2_to_1_through_universal_checkpoint(stage, tmp_path, npz, two_rank_runs, plain):
+    full = two_rank_runs[stage]
+    source = tmp_path / "source"
+    shutil.copytree(ckpt(full, 3), source)  # the conversion cache is written next to the shards
+    run = tmp_path / "one_rank"
+    # one rank: the per-rank batch is 12, still in micro-batches of 3 (accumulation 4)
+    train(run, npz, STEPS + DS + [f"parallel.zero_stage={stage}", "--resume", str(source)])
+    assert (source / "deepspeed_universal" / "ds" / "zero").is_dir()
+    assert_losses_close(losses(run), losses(full), 1e-6, (4, 5, 6))
+    assert_losses_close(losses(run), losses(plain), 1e-6, (4, 5, 6))
+    assert_weights_close(exported(run, tmp_path, ema=True), exported(full, tmp_path, ema=True), atol=1e-5)
+
+
+def test_world_size_2_to_3_zero3(tmp_path, npz, two_rank_runs):
+    full = two_rank_runs[3]
+    source = tmp_path / "source"
+    shutil.copytree(ckpt(full, 3), source)
+    run = tmp_path / "three_ranks"
+    # three ranks: per-rank batch 4 in micro-batches of 2; the EMA is resharded by DCP (2 -> 3 pieces)
+    train(run, npz, STEPS + DS + ["parallel.zero_stage=3", "data.micro_batch_size=2", "--resume", str(source)],
+          nproc=3)
+    assert_losses_close(losses(run), losses(full), 1e-6, (4, 5, 6))
+    for ema in (False, True):
+        assert_weights_close(exported(run, tmp_path, ema), exported(full, tmp_path, ema), atol=1e-5)
+
+
+def test_export_gives_the_trained_weights(tmp_path, two_rank_runs, plain):
+    """Raw and EMA weights of a ZeRO-3 checkpoint, through the CLI, equal the plain run's; the
+    EMA is not the raw weights (it really is the average)."""
+    run = two_rank_runs[3]
+    raw = exported(run, tmp_path, ema=False, via_cli=True)
+    ema = exported(run, tmp_path, ema=True, via_cli=True)
+    assert_weights_close(raw, exported(plain, tmp_path, ema=False), atol=1e-5)
+    assert_weights_close(ema, exported(plain, tmp_path, ema=True), atol=1e-5)
+    assert any(not torch.allclose(raw[k], ema[k], atol=1e-4) for k in raw)
+    # the EMA was swapped in to sample at step 3 and swapped out again (the losses after it match)
+    assert list((run / "samples").glob("step_00000003_*.png"))
+
+
+def test_bf16_zero3_close_to_fp32(tmp_path, npz, plain):
+    run = tmp_path / "bf16"
+    train(run, npz, ["train.steps=3", "train.ckpt_every=0", "optim.warmup_steps=0", "train.precision=bf16",
+                     "parallel.zero_stage=3"] + DS, nproc=2)
+    assert_losses_close(losses(run), {s: v for s, v in losses(plain).items() if s <= 3}, 1e-3, (1, 2, 3))
