@@ -154,6 +154,7 @@ class LaunchConfig:
     folder: Optional[str] = None  # submitit logs; default <run_dir>/submitit
     extra_sbatch: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # shell lines run before the job
+    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags the launcher sets on the run (e.g. a study's point)
 
 
 @dataclass
