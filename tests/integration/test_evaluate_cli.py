@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from mpdit_dist import evaluate
 from mpdit_dist.evaluate import EvaluationError, compute_metrics, extract_features, main
-from mpdit_dist.inception import FID_WEIGHTS_FILE, FeatureNetError, load_feature_net, random_feature_net
+from mpdit_dist.inception import FID_WEIGHTS_FILE, FeatureNetError, random_feature_net
 from mpdit_dist.metrics import gaussian_stats
 
 REPO = Path(__file__).resolve().parents[2]
