@@ -133,7 +133,7 @@ def open_npz_images(path: PathLike, key: str = "arr_0") -> NpzImages:
     with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
         header = _read_npy_header(member)
     if header is None:
-        array = np.load(path, mmap_mode=None)[key]
+        array = np.load(path)[key]
         shape, dtype = array.shape, array.dtype
     else:
         shape, _, dtype = header
@@ -505,11 +505,14 @@ def compute_metrics(
 
     ``reference`` is an ADM reference npz path (statistics cached, see :func:`load_reference`),
     a dict with ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` (and ``pool_features`` for precision and
-    recall), or a :class:`ReferenceStats`. ``device=None`` uses the feature network's device.
+    recall), or a :class:`ReferenceStats`. ``device=None`` uses the feature network's device;
+    another device moves the network there.
     Returns a dict with ``inception_score``, ``fid``, ``sfid``, ``precision``, ``recall`` and
     bookkeeping (counts, cache status, checksums).
     """
     start = time.perf_counter()
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size must be positive, got {batch_size}")
     samples_uint8 = np.asarray(samples_uint8)
     if samples_uint8.dtype != np.uint8 or samples_uint8.ndim != 4 or samples_uint8.shape[-1] != 3:
         raise EvaluationError(
