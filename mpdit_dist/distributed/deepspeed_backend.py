@@ -184,7 +184,9 @@ class ShardedEMA(EMA):
     The EMA follows the engine's working weights (bf16 under ``bf16``, in an fp32 accumulator)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, start_step: int = 0,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", release: Optional[Callable[[], None]] = None):
+        """``release``: ZeRO-3's ``engine.empty_partition_cache`` (every parameter back to its
+        partition alone), called around a swap so no gathered copy outlives it."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Shard
 
@@ -192,6 +194,7 @@ class ShardedEMA(EMA):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.zero3 = is_zero3(model)
+        self.release = release
         params = list(model.parameters())
         self.names = [clean_name(n) for n, _ in model.named_parameters()]
         self.shapes = [tuple(p.ds_shape) if self.zero3 else tuple(p.shape) for p in params]
@@ -238,14 +241,13 @@ class ShardedEMA(EMA):
                     continue
                 local.copy_(src.to_local() if hasattr(src, "to_local") else src.reshape(-1)[start:end])
 
-    def _write(self, params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def _write_partitions(self, params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        # gathered full copies (persistent small parameters, the prefetch cache) would keep the old
+        # values: drop them first, the next forward gathers from the partitions written here
+        if self.release is not None:
+            self.release()
         for dst, v in zip(self._sources(params), values):
             dst.copy_(v)
-        if self.zero3:
-            # persistent (small) parameters stay gathered between steps: refresh their full copy
-            persistent = [p for p in params if getattr(p, "ds_persist", False)]
-            if persistent:
-                persistent[0].all_gather(persistent)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -256,7 +258,7 @@ class ShardedEMA(EMA):
         with torch.no_grad():
             if self.zero3:
                 backup = [s.clone() for s in self._sources(params)]
-                self._write(params, self.local)
+                self._write_partitions(params, self.local)
             else:
                 backup = [p.data.clone() for p in params]
                 for p, s in zip(params, self.shadow):
@@ -266,7 +268,7 @@ class ShardedEMA(EMA):
         finally:
             with torch.no_grad():
                 if self.zero3:
-                    self._write(params, backup)
+                    self._write_partitions(params, backup)
                 else:
                     for p, b in zip(params, backup):
                         p.data.copy_(b)
@@ -275,7 +277,8 @@ class ShardedEMA(EMA):
 def make_ema(trainer) -> ShardedEMA:
     """The trainer's EMA under DeepSpeed (call after :func:`build_engine`)."""
     e = trainer.cfg.ema
-    return ShardedEMA(trainer.raw_model, e.decay, e.warmup, e.start_step, device_type=trainer.device.type)
+    return ShardedEMA(trainer.raw_model, e.decay, e.warmup, e.start_step, device_type=trainer.device.type,
+                      release=trainer.engine.empty_partition_cache)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers.runs import PY, REPO, digits_npz, env, losses, train
+from tests.helpers.runs import PY, REPO, TORCHRUN, digits_npz, env, losses, train
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +43,33 @@ def plain(tmp_path_factory, npz):
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory, npz):
-    """stage -> run dir of 6 steps on 2 ranks (stage 3 also samples with the EMA at step 3)."""
+def persist_json(tmp_path_factory):
+    """A user DeepSpeed JSON (merged over the generated config): ZeRO-3 keeps parameters under 100
+    elements gathered between steps (biases, norms) and partitions the rest, so the tiny model
+    has both kinds, as a large one has."""
+    path = tmp_path_factory.mktemp("dsjson") / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 100}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ds_args(persist_json):
+    def args(stage: int) -> list[str]:
+        extra = [f"parallel.deepspeed_config={persist_json}"] if stage == 3 else []
+        return STEPS + DS + [f"parallel.zero_stage={stage}"] + extra
+
+    return args
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, npz, ds_args):
+    """stage -> run dir of 6 steps on 2 ranks, sampling with the EMA at step 3 (the losses after
+    it show that the live weights came back)."""
     runs = {}
     root = tmp_path_factory.mktemp("ds2")
     for stage in STAGES:
         run = root / f"zero{stage}"
-        extra = ["train.sample_every=3", "train.sample_steps=2"] if stage == 3 else []
-        train(run, npz, STEPS + DS + [f"parallel.zero_stage={stage}"] + extra, nproc=2)
+        train(run, npz, ds_args(stage) + ["train.sample_every=3", "train.sample_steps=2"], nproc=2)
         runs[stage] = run
     return runs
 
@@ -116,13 +135,24 @@ def test_generated_config_and_user_override(tmp_path):
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_match_plain_run(stage, two_rank_runs, plain):
     assert_losses_close(losses(two_rank_runs[stage]), losses(plain), 1e-6, range(1, 7))
+    assert list((two_rank_runs[stage] / "samples").glob("step_00000003_*.png"))
+
+
+def test_ema_swap_zero3(tmp_path, npz, persist_json):
+    """Inside the trainer: sampling with the sharded EMA swapped in computes what a plain model
+    with the EMA weights computes, partitioned and persistent parameters alike; the live weights
+    come back exactly."""
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "tests/distributed/ds_ema_swap_check.py"),
+                           str(tmp_path / "run"), str(npz), "3", str(persist_json)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "EMA-SWAP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_resume_same_world_is_exact(stage, tmp_path, npz, two_rank_runs):
+def test_resume_same_world_is_exact(stage, tmp_path, npz, two_rank_runs, ds_args):
     full = two_rank_runs[stage]
     run = tmp_path / "resumed"
-    train(run, npz, STEPS + DS + [f"parallel.zero_stage={stage}", "--resume", str(ckpt(full, 3))], nproc=2)
+    train(run, npz, ds_args(stage) + ["--resume", str(ckpt(full, 3))], nproc=2)
     want = losses(full)
     assert losses(run) == {s: want[s] for s in (4, 5, 6)}  # bitwise on CPU
     for ema in (False, True):
@@ -132,27 +162,26 @@ def test_resume_same_world_is_exact(stage, tmp_path, npz, two_rank_runs):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_world_size_2_to_1_through_universal_checkpoint(stage, tmp_path, npz, two_rank_runs, plain):
+def test_world_size_2_to_1_through_universal_checkpoint(stage, tmp_path, npz, two_rank_runs, plain, ds_args):
     full = two_rank_runs[stage]
     source = tmp_path / "source"
     shutil.copytree(ckpt(full, 3), source)  # the conversion cache is written next to the shards
     run = tmp_path / "one_rank"
     # one rank: the per-rank batch is 12, still in micro-batches of 3 (accumulation 4)
-    train(run, npz, STEPS + DS + [f"parallel.zero_stage={stage}", "--resume", str(source)])
+    train(run, npz, ds_args(stage) + ["--resume", str(source)])
     assert (source / "deepspeed_universal" / "ds" / "zero").is_dir()
     assert_losses_close(losses(run), losses(full), 1e-6, (4, 5, 6))
     assert_losses_close(losses(run), losses(plain), 1e-6, (4, 5, 6))
     assert_weights_close(exported(run, tmp_path, ema=True), exported(full, tmp_path, ema=True), atol=1e-5)
 
 
-def test_world_size_2_to_3_zero3(tmp_path, npz, two_rank_runs):
+def test_world_size_2_to_3_zero3(tmp_path, npz, two_rank_runs, ds_args):
     full = two_rank_runs[3]
     source = tmp_path / "source"
     shutil.copytree(ckpt(full, 3), source)
     run = tmp_path / "three_ranks"
     # three ranks: per-rank batch 4 in micro-batches of 2; the EMA is resharded by DCP (2 -> 3 pieces)
-    train(run, npz, STEPS + DS + ["parallel.zero_stage=3", "data.micro_batch_size=2", "--resume", str(source)],
-          nproc=3)
+    train(run, npz, ds_args(3) + ["data.micro_batch_size=2", "--resume", str(source)], nproc=3)
     assert_losses_close(losses(run), losses(full), 1e-6, (4, 5, 6))
     for ema in (False, True):
         assert_weights_close(exported(run, tmp_path, ema), exported(full, tmp_path, ema), atol=1e-5)
@@ -167,8 +196,6 @@ def test_export_gives_the_trained_weights(tmp_path, two_rank_runs, plain):
     assert_weights_close(raw, exported(plain, tmp_path, ema=False), atol=1e-5)
     assert_weights_close(ema, exported(plain, tmp_path, ema=True), atol=1e-5)
     assert any(not torch.allclose(raw[k], ema[k], atol=1e-4) for k in raw)
-    # the EMA was swapped in to sample at step 3 and swapped out again (the losses after it match)
-    assert list((run / "samples").glob("step_00000003_*.png"))
 
 
 def test_bf16_zero3_close_to_fp32(tmp_path, npz, plain):
