@@ -27,7 +27,7 @@ import subprocess
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -167,8 +167,12 @@ class CheckpointManager:
         return self.run_dir / "checkpoints"
 
     # -------------------------------------------------------------------------------------------
-    def save(self, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it with its (sharded) tensors; rank 0 adds ``trainer_state``."""
+    def save(self, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any],
+             extra_writer: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective: every rank calls it with its (sharded) tensors; rank 0 adds ``trainer_state``.
+        ``extra_writer(tmp_dir)``, called on every rank, adds files written by another library (the
+        DeepSpeed engine) into the same directory, so they are checksummed and made visible with
+        the rest in one rename."""
         final = self.root / step_dir_name(step)
         tmp = self.root / ("tmp-" + step_dir_name(step))
         if self.rank == 0:
@@ -178,6 +182,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier()
         dcp.save(tensors, checkpoint_id=str(tmp))
+        if extra_writer is not None:
+            extra_writer(tmp)
         fault_point("save", step)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
@@ -224,14 +230,19 @@ class CheckpointManager:
         choice = broadcast_object(choice)
         return Path(choice) if choice else None
 
-    def load(self, path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
-        """Load ``tensors`` in place (DCP reshards to this run's layout); returns trainer.json."""
+    def load(self, path: Path, tensors: dict[str, Any],
+             extra_reader: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
+        """Load ``tensors`` in place (DCP reshards to this run's layout); returns trainer.json.
+        ``extra_reader(path)``, called on every rank after the verification, reads what an
+        ``extra_writer`` wrote."""
         if self.rank == 0:
             problem = verify(path)
             if problem is not None:
                 raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         barrier()
         dcp.load(tensors, checkpoint_id=str(path))
+        if extra_reader is not None:
+            extra_reader(path)
         state = json.loads((path / "trainer.json").read_text())
         rng = path / "rng" / f"rank{self.rank}.pt"
         if rng.is_file() and state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
