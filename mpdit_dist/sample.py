@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -124,13 +125,43 @@ def load_for_sampling(run_dir: Optional[str] = None, checkpoint: Optional[str] =
     return model.to(device), manifest, info
 
 
+def plan_labels(classes: Sequence[int], num_samples: Optional[int], num_per_class: Optional[int], seed: int,
+                balanced: bool = False) -> list[int]:
+    """The labels of every sample, fixed by the arguments alone (never by the number of ranks).
+
+    ``num_per_class``: each class that many times, in class order. ``num_samples``: uniform at
+    random over the classes, or, with ``balanced``, as even as possible (shuffled)."""
+    classes = list(classes)
+    if num_samples is None:
+        return [c for c in classes for _ in range(num_per_class or 8)]
+    rng = np.random.default_rng(seed)
+    if balanced:
+        labels = [classes[i % len(classes)] for i in range(num_samples)]
+        rng.shuffle(labels)
+        return [int(c) for c in labels]
+    return [int(c) for c in rng.choice(classes, size=num_samples)]
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    """Sampling CLI; under ``torchrun`` the work is split over ranks in fixed parts.
+
+    Part p holds samples [p*B, (p+1)*B) (B = ``--batch-size``) and goes to rank p % world. A
+    sample's noise depends only on (seed, its index), and parts have the same shape whatever the
+    number of ranks, so 1 rank and N ranks write the same images. Finished parts are kept in
+    ``<out>.parts/``: a rerun of the same command skips them (resumable)."""
     ap = argparse.ArgumentParser(description="Sample from a trained MPDiT")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="run directory: newest checkpoint, EMA weights")
     src.add_argument("--checkpoint", help="a checkpoint directory (step_*) or an exported .safetensors")
     ap.add_argument("--num-per-class", type=int, default=None)
     ap.add_argument("--num-samples", type=int, default=None)
+    ap.add_argument("--balanced", action="store_true", help="with --num-samples: equal counts per class")
     ap.add_argument("--classes", type=str, default=None, help="comma-separated class indices (default: all)")
     ap.add_argument("--cfg-scale", type=float, default=None, help="default: the run's train.sample_cfg_scale")
     ap.add_argument("--guidance-interval", type=str, default=None, help="lo,hi in t")
@@ -143,9 +174,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--grid", default=None, help="png path (default: beside the npz)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    if args.num_samples is not None and args.num_per_class is not None:
+        ap.error("give --num-samples or --num-per-class, not both")
 
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          (args.device if args.device != "auto" else "cpu"))
+    from .distributed.env import barrier, init_distributed
+
+    dist_info = init_distributed("auto" if args.device == "auto" else args.device)
+    device = dist_info.device
     model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device)
     margs = model.args
     run_cfg = info.get("config", {}).get("train", {})
@@ -158,30 +193,61 @@ def main(argv: Optional[list[str]] = None) -> None:
     bad = [c for c in classes_all if not 0 <= c < margs.num_classes]
     if bad:
         ap.error(f"--classes {bad} outside [0, {margs.num_classes})")
-    if args.num_samples is not None:
-        g = np.random.default_rng(args.seed)
-        labels = g.choice(classes_all, size=args.num_samples).tolist()
-    else:
-        labels = [c for c in classes_all for _ in range(args.num_per_class or 8)]
+    labels = plan_labels(classes_all, args.num_samples, args.num_per_class, args.seed, args.balanced)
     interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
+    out = Path(args.out) if args.out else Path(args.run_dir or Path(args.checkpoint).parent.parent) / "samples" / "samples.npz"
+    settings = {"sampler": args.sampler, "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": interval,
+                "seed": args.seed, "num_samples": len(labels), "batch_size": args.batch_size,
+                "balanced": args.balanced, "ema": not args.no_ema, "source": info.get("source"),
+                "checkpoint_step": info.get("step")}
+    parts_dir = out.with_name(out.name + ".parts")
+    if dist_info.is_main:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        plan = parts_dir / "settings.json"
+        if plan.is_file() and json.loads(plan.read_text()) != json.loads(json.dumps(settings)):
+            raise SystemExit(f"{parts_dir} holds parts of other settings ({plan}); remove it or choose another --out")
+        plan.write_text(json.dumps(settings, indent=1))
+    barrier()
+    n_parts = math.ceil(len(labels) / args.batch_size)
+    mine = [p for p in range(n_parts) if p % dist_info.world_size == dist_info.rank]
+    todo = [p for p in mine if not (parts_dir / f"part_{p:06d}.npz").is_file()]
+    bar = None
+    if dist_info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sample (rank 0 of {dist_info.world_size})")
     bf16 = device.type == "cuda"
-    images = []
-    for start in range(0, len(labels), args.batch_size):
+    for p in todo:
+        start = p * args.batch_size
         chunk = labels[start:start + args.batch_size]
         lat = generate(model, margs, chunk, seed=args.seed, cfg_scale=cfg_scale, sampler=args.sampler, steps=steps,
                        device=device, bf16=bf16, guidance_interval=interval, offset=start)
-        images.append(decode_to_uint8(lat, manifest, device))
-    arr = np.concatenate(images)
-    out = Path(args.out) if args.out else Path(args.run_dir or Path(args.checkpoint).parent.parent) / "samples" / "samples.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, arr_0=arr, arr_1=np.asarray(labels, dtype=np.int64))
-    settings = {"sampler": args.sampler, "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": interval,
-                "seed": args.seed, "num_samples": len(labels), "ema": not args.no_ema, "source": info.get("source")}
-    out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
-    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
-    ncol = args.num_per_class if (args.num_samples is None and args.num_per_class) else None
-    save_grid(arr[: min(len(arr), 256)], grid, ncol=ncol)
-    print(f"wrote {len(arr)} samples to {out} (settings in {out.with_suffix('.json')}), grid {grid}")
+        _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device),
+                      labels=np.asarray(chunk, dtype=np.int64))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    barrier()
+    if dist_info.is_main:
+        images, got = [], []
+        for p in range(n_parts):
+            with np.load(parts_dir / f"part_{p:06d}.npz") as z:
+                images.append(z["images"])
+                got.append(z["labels"])
+        arr, lab = np.concatenate(images), np.concatenate(got)
+        if lab.tolist() != labels:
+            raise SystemExit(f"parts in {parts_dir} do not match the planned labels; remove the folder and rerun")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_savez(out, arr_0=arr, arr_1=lab)
+        out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
+        grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+        ncol = args.num_per_class if (args.num_samples is None and args.num_per_class) else None
+        save_grid(arr[: min(len(arr), 256)], grid, ncol=ncol)
+        print(f"wrote {len(arr)} samples to {out} (settings in {out.with_suffix('.json')}), grid {grid}")
+    from .distributed.env import shutdown
+
+    shutdown()
 
 
 if __name__ == "__main__":
