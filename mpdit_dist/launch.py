@@ -23,8 +23,9 @@ Preemption (the facts behind this are measured in docs/slurm_testing.md):
 - A run that has reached its last step returns ``"finished"`` and is never requeued. A preemption
   beyond ``launch.max_requeues`` (counted by SLURM_RESTART_COUNT) raises
   :class:`RequeueLimitError` on every rank: the job fails with that message, its checkpoint intact.
-- SIGTERM alone (``scancel``, or SLURM preempting with its own requeue) also saves a checkpoint, but
-  the job is not requeued by us: SLURM has decided what happens to it.
+- SIGTERM alone (``scancel``, or SLURM preempting with its own requeue) also saves a checkpoint when
+  there is time (KillWait), but the job is not requeued by us: SLURM has decided what happens to
+  it. The tasks leave with ``SystemExit`` too, so a cancelled job is never reported as finished.
 
 ``wait(job)`` polls the scheduler and never blocks forever: a job that dies (OOM, node failure,
 ``scancel``) raises :class:`JobFailedError` with the tail of every rank's log, as soon as the
@@ -171,8 +172,10 @@ def executor_parameters(cfg: C.Config, run_dir: Path) -> dict[str, Any]:
 def requeue_action(status: str, restart_count: int, max_requeues: int, signals: tuple[str, ...] = ("SIGUSR2",)) -> str:
     """What a task does after ``train`` returned (pure).
 
-    - ``"done"``: the run finished (never requeued), or was stopped by SIGTERM / by code without the
-      warning signal: SLURM (scancel, its own preemption) decides what happens next, not us;
+    - ``"done"``: the run finished: return the result, never requeue;
+    - ``"stop"``: stopped (checkpoint saved) by SIGTERM or by code, without the warning signal:
+      SLURM (``scancel``, its own preemption with requeue) decides what happens next, not us; leave
+      without a result, so that the submitter does not take the job as finished;
     - ``"requeue"``: the warning signal (USR2) stopped it and fewer than ``max_requeues`` requeues
       happened so far (``restart_count``, SLURM_RESTART_COUNT);
     - ``"limit"``: the warning signal stopped it, but the job was requeued ``max_requeues`` times
@@ -183,7 +186,7 @@ def requeue_action(status: str, restart_count: int, max_requeues: int, signals: 
     if status != "preempted":
         raise ValueError(f"unknown training status {status!r}")
     if "SIGUSR2" not in signals:
-        return "done"
+        return "stop"
     return "requeue" if restart_count < max_requeues else "limit"
 
 
@@ -369,9 +372,11 @@ class TrainingTask:
         if result["status"] == "preempted":
             log.warning("rank %d stopped at step %d (signals %s): %s", rank, result["step"], list(signals), action)
         if action == "done" or cluster == "debug":
-            if action == "requeue":
+            if action != "done":
                 log.warning("debug executor: no requeue; resubmit to continue from step %d", result["step"])
             return result
+        if action == "stop":
+            raise SystemExit(128 + signal.SIGTERM)
         if action == "limit":
             raise RequeueLimitError(requeue_limit_message(job_id, result["step"], restart, cfg.launch.max_requeues,
                                                           run_dir))
@@ -403,22 +408,23 @@ def make_executor(cfg: C.Config, run_dir: Path):
     return executor
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(repo: Path, *args: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout if out.returncode == 0 else None
 
 
-def write_code_version(launch_dir: Path) -> dict[str, Any]:
+def write_code_version(launch_dir: Path, repo: Path = REPO) -> dict[str, Any]:
     """``code_version.json`` (commit, branch, dirty, untracked files) and ``code.diff`` (``git diff HEAD``:
     the uncommitted changes to tracked files) of the repository the job will import."""
     launch_dir.mkdir(parents=True, exist_ok=True)
-    commit = (_git("rev-parse", "HEAD") or "").strip() or None
-    diff = _git("diff", "HEAD") or ""
-    untracked = (_git("ls-files", "--others", "--exclude-standard") or "").split()
-    info = {"repo": str(REPO), "commit": commit, "branch": (_git("rev-parse", "--abbrev-ref", "HEAD") or "").strip(),
+    commit = (_git(repo, "rev-parse", "HEAD") or "").strip() or None
+    diff = _git(repo, "diff", "HEAD") or ""
+    untracked = (_git(repo, "ls-files", "--others", "--exclude-standard") or "").split()
+    info = {"repo": str(repo), "commit": commit,
+            "branch": (_git(repo, "rev-parse", "--abbrev-ref", "HEAD") or "").strip(),
             "dirty": bool(diff.strip()), "untracked": untracked, "diff_file": "code.diff"}
     (launch_dir / "code.diff").write_text(diff)
     (launch_dir / "code_version.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -1,0 +1,238 @@
+"""The launcher's parts that need no SLURM: sbatch parameters, requeue decisions, the per-task
+environment from submitit's JobEnvironment, the file barrier, the code version, and whole runs on
+submitit's debug (in-process) and local (subprocess) executors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+from submitit.slurm import slurm as submitit_slurm
+
+from mpdit_dist import config as C
+from mpdit_dist import launch
+from tests.helpers.runs import REPO, TINY, digits_npz
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def cfg_with(*overrides: str) -> C.Config:
+    return C.load_config(None, list(overrides))
+
+
+def render_sbatch(params: dict, folder: Path) -> str:
+    """The sbatch script submitit's SLURM executor writes for these AutoExecutor parameters
+    (generic names translated the way submitit does; no SLURM needed)."""
+    eq = submitit_slurm.SlurmExecutor._equivalence_dict()
+    args = {eq[k]: v for k, v in params.items() if k in eq}
+    if "mem" in args:
+        args["mem"] = submitit_slurm._convert_mem(args["mem"])
+    args.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
+    return submitit_slurm._make_sbatch_string(command="python -m submitit.core._submit X", folder=folder, **args)
+
+
+# ----- sbatch parameters -----
+
+def test_gpu_job_parameters_and_sbatch_script(tmp_path):
+    cfg = cfg_with("launch.nodes=4", "launch.gpus_per_node=8", "launch.cpus_per_task=12", "launch.mem_gb=40",
+                   "launch.partition=gpu", "launch.account=proj", "launch.qos=high", "launch.constraint=h100",
+                   "launch.time_min=1440", "launch.signal_delay_s=180", "launch.extra_sbatch.exclusive=true",
+                   "launch.extra_sbatch.mail-type=END", "launch.setup=[module load cuda]", "run_name=xl")
+    params = launch.executor_parameters(cfg, tmp_path / "run")
+    assert {k: params[k] for k in ("name", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb",
+                                   "timeout_min", "slurm_partition", "slurm_account", "slurm_qos",
+                                   "slurm_constraint", "slurm_signal_delay_s")} == dict(
+        name="xl", nodes=4, tasks_per_node=8, gpus_per_node=8, cpus_per_task=12, mem_gb=320, timeout_min=1440,
+        slurm_partition="gpu", slurm_account="proj", slurm_qos="high", slurm_constraint="h100",
+        slurm_signal_delay_s=180)
+    assert launch.world_size(cfg.launch) == 32
+    text = render_sbatch(params, tmp_path / "%j")
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --mem=320GB", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --time=1440",
+                 "#SBATCH --signal=USR2@180", "#SBATCH --exclusive", "#SBATCH --mail-type=END",
+                 "#SBATCH --job-name=xl", f"export PYTHONPATH={REPO}", "export OMP_NUM_THREADS=12",
+                 "module load cuda", "srun --unbuffered"):
+        assert line in text, f"{line!r} not in\n{text}"
+    # the user's setup runs after ours, before srun
+    assert text.index("OMP_NUM_THREADS") < text.index("module load cuda") < text.index("srun")
+
+
+def test_cpu_job_parameters():
+    params = launch.executor_parameters(cfg_with("launch.gpus_per_node=0", "launch.tasks_per_node=2",
+                                                 "launch.cpus_per_task=1"), Path("/tmp/r"))
+    assert params["tasks_per_node"] == 2 and params["cpus_per_task"] == 1
+    assert "gpus_per_node" not in params and "mem_gb" not in params and "slurm_partition" not in params
+    assert params["name"] == "r"  # no run_name: the run dir's name
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["launch.gpus_per_node=0"], "set launch.tasks_per_node"),
+    (["launch.gpus_per_node=8", "launch.tasks_per_node=4"], "one task per GPU"),
+    (["launch.cluster=debug", "launch.gpus_per_node=0", "launch.tasks_per_node=2"], "launch.cluster=debug"),
+    (["launch.cluster=local", "launch.nodes=2"], "launch.nodes=2 must be 1"),
+    (["launch.time_min=2", "launch.signal_delay_s=120"], "launch.signal_delay_s=120"),
+    (["launch.max_requeues=-1"], "launch.max_requeues=-1"),
+    (["launch.mem_gb=0"], "launch.mem_gb=0"),
+])
+def test_bad_launch_settings_name_the_key(overrides, words):
+    with pytest.raises(C.ConfigError, match=words.replace(".", r"\.")):
+        launch.executor_parameters(cfg_with(*overrides), Path("/tmp/r"))
+
+
+# ----- requeue decisions -----
+
+@pytest.mark.parametrize("status, restarts, limit, signals, action", [
+    ("finished", 0, 3, ("SIGUSR2",), "done"),  # a finished run never requeues, signal or not
+    ("finished", 9, 3, (), "done"),
+    ("preempted", 0, 3, ("SIGUSR2",), "requeue"),
+    ("preempted", 2, 3, ("SIGUSR2", "SIGTERM"), "requeue"),
+    ("preempted", 3, 3, ("SIGUSR2",), "limit"),
+    ("preempted", 0, 0, ("SIGUSR2",), "limit"),
+    ("preempted", 0, 3, ("SIGTERM",), "stop"),  # scancel / SLURM's own preemption: SLURM decides
+    ("preempted", 0, 3, (), "stop"),
+])
+def test_requeue_action(status, restarts, limit, signals, action):
+    assert launch.requeue_action(status, restarts, limit, signals) == action
+
+
+def test_requeue_action_rejects_unknown_status():
+    with pytest.raises(ValueError, match="crashed"):
+        launch.requeue_action("crashed", 0, 3)
+
+
+def test_requeue_limit_message_says_what_to_do():
+    msg = launch.requeue_limit_message("42", 1200, 3, 3, Path("/r/run"))
+    for words in ("job 42", "step 1200", "3 requeue(s)", "launch.max_requeues=3", "/r/run/checkpoints",
+                  "slurm/submit.py --config /r/run/config.yaml --run-dir /r/run"):
+        assert words in msg
+
+
+def test_restart_count_from_slurm_or_local_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert launch.restart_count("slurm", tmp_path, "7") == 2
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert launch.restart_count("slurm", tmp_path, "7") == 0
+    assert launch.restart_count("local", tmp_path, "7") == 0
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "requeues_7").write_text("11\n23\n")
+    assert launch.restart_count("local", tmp_path, "7") == 2
+
+
+# ----- inside the job -----
+
+def test_master_port_is_per_job():
+    assert launch.master_port("123") == launch.master_port("123") == 20123
+    assert launch.master_port("41") != launch.master_port("42")
+    assert 20000 <= launch.master_port("4567890_3") < 40000  # array ids too
+
+
+def test_distributed_environ_from_slurm_job_environment(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for k, v in dict(SLURM_JOB_ID="77", SLURM_NTASKS="16", SLURM_JOB_NUM_NODES="2", SLURM_PROCID="9",
+                     SLURM_LOCALID="1", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[03-04]").items():
+        monkeypatch.setenv(k, v)
+    env = submitit.JobEnvironment()
+    assert env.cluster == "slurm"
+    assert launch.distributed_environ(env, "slurm") == dict(
+        RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8", MASTER_ADDR="gpu03",
+        MASTER_PORT=str(launch.master_port("77")))
+
+
+def test_distributed_environ_from_local_job_environment(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for k, v in dict(SUBMITIT_LOCAL_JOB_ID="4242", SUBMITIT_LOCAL_NTASKS="2", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+                     SUBMITIT_LOCAL_GLOBALID="1", SUBMITIT_LOCAL_LOCALID="1").items():
+        monkeypatch.setenv(k, v)
+    env = submitit.JobEnvironment()
+    assert env.cluster == "local"
+    assert launch.distributed_environ(env, "local") == dict(
+        RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(launch.master_port("4242")))
+
+
+def test_file_barrier_waits_for_every_rank(tmp_path):
+    folder = tmp_path / "b"
+    arrived = {}
+
+    def late_rank():
+        time.sleep(0.5)
+        launch.file_barrier(folder, 1, 2, timeout_s=5, wait=False)
+        arrived["t"] = time.monotonic()
+
+    t = threading.Thread(target=late_rank)
+    t.start()
+    launch.file_barrier(folder, 0, 2, timeout_s=10)
+    released = time.monotonic()
+    t.join()
+    assert released >= arrived["t"]
+
+
+def test_file_barrier_times_out_naming_missing_ranks(tmp_path):
+    with pytest.raises(TimeoutError, match=r"ranks \[1, 2\]"):
+        launch.file_barrier(tmp_path / "b", 0, 3, timeout_s=0.3)
+
+
+def test_code_version_records_commit_and_diff(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "first")
+    clean = launch.write_code_version(tmp_path / "clean", repo)
+    assert clean["commit"] == git("rev-parse", "HEAD").strip() and clean["dirty"] is False
+    assert (tmp_path / "clean" / "code.diff").read_text() == ""
+
+    (repo / "a.py").write_text("x = 2\n")
+    (repo / "new.py").write_text("y = 1\n")
+    dirty = launch.write_code_version(tmp_path / "dirty", repo)
+    diff = (tmp_path / "dirty" / "code.diff").read_text()
+    assert dirty["dirty"] is True and "-x = 1" in diff and "+x = 2" in diff
+    assert dirty["untracked"] == ["new.py"]
+    assert json.loads((tmp_path / "dirty" / "code_version.json").read_text())["commit"] == clean["commit"]
+
+
+# ----- whole runs without SLURM -----
+
+def test_debug_executor_trains_in_process_and_restores_state(tmp_path):
+    npz = digits_npz(tmp_path / "d.npz", n=96)
+    cfg = C.load_config(DEMO, [f"data.path={npz}", *TINY, "train.steps=3", f"results_dir={tmp_path}",
+                               "launch.cluster=debug", "launch.gpus_per_node=0", "launch.tasks_per_node=1",
+                               "launch.cpus_per_task=1"])
+    handler = signal.getsignal(signal.SIGUSR2)
+    lines: list[str] = []
+    job = launch.submit(cfg, tmp_path / "run", echo=lines.append)
+    assert lines[0].startswith("submitted job") and "debug" in lines[0]
+    [result] = launch.wait(job)
+    assert (result["status"], result["step"], result["rank"], result["restart"]) == ("finished", 3, 0, 0)
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "launch" / "jobs.jsonl").exists()
+    assert (run / "checkpoints" / "step_00000003").is_dir()
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the submitter's env is its own again
+    assert signal.getsignal(signal.SIGUSR2) is handler
+
+
+def test_local_executor_failure_is_reported_with_log_tail(tmp_path):
+    """A job whose training raises (here: its data file is missing) is reported failed, with the
+    error in the log tail, without waiting on result files."""
+    cfg = C.load_config(DEMO, [f"data.path={tmp_path / 'missing.npz'}", *TINY, "train.steps=2",
+                               f"results_dir={tmp_path}", "launch.cluster=local", "launch.gpus_per_node=0",
+                               "launch.tasks_per_node=1", "launch.cpus_per_task=1", "launch.time_min=5"])
+    job = launch.submit(cfg, tmp_path / "run", echo=None)
+    with pytest.raises(launch.JobFailedError) as info:
+        launch.wait(job, timeout_s=120, poll_s=0.5)
+    assert "missing.npz" in info.value.log_tail
+    assert "----- rank 0 stderr" in info.value.log_tail
+    assert (tmp_path / "run" / "logs" / "rank0.err").resolve().exists()
