@@ -95,8 +95,9 @@ class TrainConfig:
     sample_sampler: str = "euler"
     eval_every: int = 0  # 0 = off; in-training FID on eval_num_samples
     eval_num_samples: int = 10000
-    eval_reference: Optional[str] = None
-    eval_inception: Optional[str] = None
+    eval_reference: Optional[str] = None  # ADM reference batch (.npz) or its cached statistics
+    eval_inception: Optional[str] = None  # local FID-Inception weights (pt_inception-2015-12-05-*.pth)
+    eval_input_size: int = 299  # the feature network's input size (299 as ADM; smaller only for tests)
     init_from: Optional[str] = None  # weights-only warm start (safetensors export or official .pt)
     progress_bar: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -226,6 +227,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"flow.class_dropout={cfg.flow.class_dropout} must be in [0, 1)")
     if not 0.0 <= cfg.ema.decay <= 1.0:
         raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1]")
+    if cfg.train.eval_every > 0 and not (cfg.train.eval_reference and cfg.train.eval_inception):
+        raise ConfigError(
+            f"train.eval_every={cfg.train.eval_every} needs train.eval_reference (a reference .npz) and "
+            f"train.eval_inception (local Inception weights)"
+        )
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 1")
     try:
