@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +29,7 @@ from .distributed.env import DistInfo, init_distributed, shutdown
 from .ema import EMA, clean_name
 from .flops import device_peak_flops, train_flops_per_image
 from .flow import FlowMatching
+from .sample import decode_to_uint8, generate, save_grid
 
 log = logging.getLogger("mpdit_dist.trainer")
 
@@ -169,7 +171,12 @@ class Trainer:
             self.model = parallelize(model, cfg.parallel, d, self.backend, mixed_precision=self.bf16)
             self.optimizer = build_optimizer(self.raw_model.parameters(), cfg.optim, self.device)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.steps))
-        self.ema = EMA(self.raw_model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
+        if self.engine is not None:
+            from .distributed.deepspeed_backend import make_ema
+
+            self.ema = make_ema(self)  # sharded like ZeRO-3's partitions, at every stage
+        else:
+            self.ema = EMA(self.raw_model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
         self.ckpt = CheckpointManager(self.run_dir, rank=d.rank, keep_last=cfg.checkpoint.keep_last,
                                       keep_every=cfg.checkpoint.keep_every)
         self.peak_flops = device_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
@@ -227,8 +234,17 @@ class Trainer:
             "code": code_version(),
         }
 
+    def _engine_io(self):
+        """(writer, reader) of DeepSpeed's own sharded files inside a checkpoint directory."""
+        if self.engine is None:
+            return None, None
+        from .distributed.deepspeed_backend import load_engine, save_engine
+
+        return (lambda d: save_engine(self, d)), (lambda d: load_engine(self, d))
+
     def save_checkpoint(self) -> Path:
-        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state())
+        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state(),
+                              extra_writer=self._engine_io()[0])
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
         return path
@@ -241,7 +257,7 @@ class Trainer:
         if path is None:
             return
         state = self._tensor_state()
-        tstate = self.ckpt.load(path, state)
+        tstate = self.ckpt.load(path, state, extra_reader=self._engine_io()[1])
         self._set_tensor_state(state)
         self._check_resumable(tstate, path)
         self.step = int(tstate["step"])
@@ -263,7 +279,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.bf16 and self.engine is None:
+        # DeepSpeed's bf16 keeps bf16 weights (fp32 master in the optimizer); the model's fp32
+        # islands (time features, FFTs) and fp32 inputs still need autocast to meet them
+        if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -289,13 +307,18 @@ class Trainer:
             last = i == self.accum - 1
             if self.backend == "fsdp2":
                 self.model.set_requires_gradient_sync(last)
+            elif self.engine is not None:
+                # the trainer calls engine.step() once per optimizer step, so DeepSpeed's own
+                # micro-step count cannot tell the boundary: say it (reduction happens there)
+                self.engine.set_gradient_accumulation_boundary(last)
             with self._no_sync(last), self._autocast():
                 per_sample = self.flow.per_sample_loss(self.model, x[sl], y[sl], draw.slice(sl.start, sl.stop))
                 # sum / per-rank batch: accumulation adds up to this rank's mean; the data-parallel
                 # gradient average over ranks then gives the global-batch mean
                 loss = per_sample.sum() / self.per_rank
             if self.engine is not None:
-                self.engine.backward(loss)
+                # the loss is already divided by the per-rank batch: no extra 1/accum scaling
+                self.engine.backward(loss, scale_wrt_gas=False)
             else:
                 loss.backward()
             loss_sum += loss.detach()
@@ -337,7 +360,6 @@ class Trainer:
         return float(loss)
 
     def sample_grid(self) -> Optional[Path]:
-        from .sample import decode_to_uint8, generate, save_grid
 
         classes = [c % self.model_args.num_classes for c in self.cfg.train.sample_classes]
         paths = []
@@ -356,11 +378,53 @@ class Trainer:
                 self.tracker.log_artifact(p, "samples")
         return paths[-1] if paths else None
 
+    def evaluate(self) -> Optional[dict[str, Any]]:
+        """FID & co. of ``train.eval_num_samples`` EMA samples (balanced classes, split over ranks),
+        computed on rank 0 and logged as ``eval/*`` at this step."""
+        from .sample import plan_labels
+
+        cfg, d = self.cfg, self.dist
+        labels = plan_labels(range(self.model_args.num_classes), cfg.train.eval_num_samples, None,
+                             cfg.train.seed, balanced=True)
+        per = math.ceil(len(labels) / d.world_size)
+        start = d.rank * per
+        mine = labels[start:start + per]
+        images = []
+        with self.ema.swapped_into(self.raw_model):
+            for i in range(0, per, self.micro):  # every rank runs the same number of forwards (FSDP)
+                chunk = mine[i:i + self.micro] or [0]
+                lat = generate(self.model, self.model_args, chunk, seed=cfg.train.seed + 1, cfg_scale=cfg.train.sample_cfg_scale,
+                               sampler=cfg.train.sample_sampler, steps=cfg.train.sample_steps, device=self.device,
+                               bf16=self.bf16, offset=start + i)
+                if mine[i:i + self.micro]:
+                    images.append(decode_to_uint8(lat, self.manifest, self.device))
+        local = np.concatenate(images) if images else np.zeros((0,), np.uint8)
+        if d.distributed:
+            gathered = [None] * d.world_size
+            dist.all_gather_object(gathered, local)
+        else:
+            gathered = [local]
+        if not d.is_main:
+            return None
+        from .evaluate import compute_metrics
+        from .inception import load_feature_net
+
+        if getattr(self, "_feature_net", None) is None:
+            self._feature_net = load_feature_net(cfg.train.eval_inception, self.device, input_size=cfg.train.eval_input_size)
+        samples = np.concatenate([g for g in gathered if g.size])
+        metrics = compute_metrics(samples, cfg.train.eval_reference, self._feature_net, device=self.device)
+        scalars = {f"eval/{k}": float(metrics[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")
+                   if metrics.get(k) is not None}
+        self.tracker.log_metrics(scalars, step=self.step)
+        return scalars
+
     def fit(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
         self.build()
         self.maybe_resume()
         self.tracker = self._make_tracker()
+        if d.is_main:
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
         status = "finished"
         try:
             status = self._loop()
@@ -372,6 +436,9 @@ class Trainer:
         finally:
             if self.tracker:
                 self.tracker.close("FINISHED" if status == "finished" else "KILLED")
+            close = getattr(self.loader, "close", None)
+            if close is not None:
+                close()
         return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
 
     def _loop(self) -> str:
@@ -428,6 +495,8 @@ class Trainer:
                 bar.update(1)
             if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
                 self.sample_grid()
+            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
+                self.evaluate()
             stop = preemption.stop_requested()
             if d.distributed:  # every rank must agree to stop at the same step
                 flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
