@@ -181,7 +181,8 @@ class ShardedEMA(EMA):
     (``Shard(0)`` over all ranks, uneven at the end like ZeRO's partition) so that
     ``torch.distributed.checkpoint`` reshards the EMA to another world size.
 
-    The EMA follows the engine's working weights (bf16 under ``bf16``, in an fp32 accumulator)."""
+    Under ``bf16`` the EMA (fp32) follows ZeRO-3's fp32 master partitions; under ZeRO 0/1/2 the
+    fp32 master is partitioned in another layout, so it follows the bf16 working weights there."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, start_step: int = 0,
                  device_type: str = "cpu", release: Optional[Callable[[], None]] = None):
@@ -207,7 +208,7 @@ class ShardedEMA(EMA):
                                        f"{size}: a partitioning other than plain data-parallel is not supported here")
         mesh = init_device_mesh(device_type, (self.world,))
         with torch.no_grad():
-            self.local = [s.detach().float().clone() for s in self._sources(params)]
+            self.local = [s.detach().float().clone() for s in self._fp32_sources(params)]
         self.shadow = [DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=(n,), stride=(1,))
                        for t, n in zip(self.local, self.numels)]
 
@@ -221,11 +222,25 @@ class ShardedEMA(EMA):
                 out.append(p.data.view(-1)[start:end])
         return out
 
+    def _fp32_sources(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the EMA averages: the fp32 master partition under ZeRO-3 with bf16 weights (same
+        layout as ``ds_tensor``, already local), else the working weights."""
+        out = self._sources(params)
+        if self.zero3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            for i, (p, (_, start, end)) in enumerate(zip(params, self.bounds)):
+                if out[i].dtype != torch.float32 and p.requires_grad:
+                    master = safe_get_local_fp32_param(p)
+                    if master is not None:
+                        out[i] = master.view(-1)[: end - start]
+        return [s if s.dtype == torch.float32 else s.float() for s in out]
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
-        src = [s if s.dtype == torch.float32 else s.float() for s in self._sources(list(model.parameters()))]
-        torch._foreach_lerp_(self.local, src, weight)
+        src = self._fp32_sources(list(model.parameters()))
+        torch._foreach_lerp_(self.local, [s.to(t.device) for s, t in zip(src, self.local)], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
@@ -332,25 +347,39 @@ def to_universal(ckpt_dir: Path) -> Path:
 
 
 def load_engine(trainer, ckpt_dir: Path) -> None:
-    """Collective: restore the engine from ``<ckpt_dir>/deepspeed/``; through the universal
-    format when the checkpoint was written by another world size (rank 0 converts, once)."""
+    """Collective: restore the engine from ``<ckpt_dir>/deepspeed/``.
+
+    ZeRO partitions the optimizer state by rank, so a checkpoint written by another world size
+    goes through DeepSpeed's universal format (rank 0 converts it once, the others wait). Without
+    ZeRO partitions (stage 0 in fp32: the whole state in one file) it loads as is. Another ZeRO
+    stage is refused (ZeRO-3 names its files differently; not tested either way)."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / DS_SUBDIR / DS_TAG).is_dir():
+    tag_dir = ckpt_dir / DS_SUBDIR / DS_TAG
+    if not tag_dir.is_dir():
         raise FileNotFoundError(
             f"checkpoint {ckpt_dir} has no DeepSpeed state ({DS_SUBDIR}/{DS_TAG}); was it written by "
             f"parallel.backend=deepspeed?"
         )
     tstate = json.loads((ckpt_dir / "trainer.json").read_text())
     saved_world = int(tstate.get("world_size", trainer.dist.world_size))
+    saved_stage = int(tstate.get("config", {}).get("parallel", {}).get("zero_stage", trainer.cfg.parallel.zero_stage))
+    stage = trainer.engine.zero_optimization_stage()
+    partitioned = any(tag_dir.glob("*optim_states.pt"))
     engine = trainer.engine
-    if saved_world == trainer.dist.world_size:
+    if saved_stage != stage:
+        raise C.ConfigError(
+            f"checkpoint {ckpt_dir} was written with parallel.zero_stage={saved_stage}, this run has "
+            f"parallel.zero_stage={stage}: resume with parallel.zero_stage={saved_stage}"
+        )
+    if not partitioned or saved_world == trainer.dist.world_size:
         path, _ = engine.load_checkpoint(str(ckpt_dir / DS_SUBDIR), tag=DS_TAG)
     else:
         if trainer.dist.is_main:
-            log.info("checkpoint %s was written by %d ranks, this run has %d: converting it to DeepSpeed's "
-                     "universal format", ckpt_dir, saved_world, trainer.dist.world_size)
+            log.info("checkpoint %s was written by %d ranks, this run has %d: loading it through "
+                     "DeepSpeed's universal format", ckpt_dir, saved_world, trainer.dist.world_size)
             to_universal(ckpt_dir)
         barrier()
+        # the engine reads this switch when loading only; DeepSpeed has no argument for it
         engine._config.load_universal_checkpoint = True
         try:
             path, _ = engine.load_checkpoint(str(ckpt_dir / UNIVERSAL_SUBDIR), tag=DS_TAG)
