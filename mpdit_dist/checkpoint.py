@@ -160,7 +160,8 @@ class CheckpointManager:
     rank: int = 0
     keep_last: int = 3
     keep_every: int = 0
-    saved: list[int] = field(default_factory=list)
+    _pending: Optional[tuple] = field(default=None, repr=False)  # (step, tmp, final, future) not yet visible
+    _group: Any = field(default=None, repr=False)  # gloo group of the async writes
 
     @property
     def root(self) -> Path:
@@ -168,11 +169,18 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------------------
     def save(self, step: int, tensors: dict[str, Any], trainer_state: dict[str, Any],
-             extra_writer: Optional[Callable[[Path], None]] = None) -> Path:
+             extra_writer: Optional[Callable[[Path], None]] = None, async_save: bool = False) -> Path:
         """Collective: every rank calls it with its (sharded) tensors; rank 0 adds ``trainer_state``.
+
         ``extra_writer(tmp_dir)``, called on every rank, adds files written by another library (the
         DeepSpeed engine) into the same directory, so they are checksummed and made visible with
-        the rest in one rename."""
+        the rest in one rename.
+
+        ``async_save``: the tensors are staged to host memory and written by a background thread
+        (``dcp.async_save`` on its own gloo process group), so training goes on while the disk
+        works; the checkpoint becomes visible (manifest + rename) at the next ``save`` or at
+        ``finalize()``. Until then it is a ``tmp-`` directory that resume ignores."""
+        self.finalize()
         final = self.root / step_dir_name(step)
         tmp = self.root / ("tmp-" + step_dir_name(step))
         if self.rank == 0:
@@ -181,22 +189,45 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save(tensors, checkpoint_id=str(tmp))
-        if extra_writer is not None:
-            extra_writer(tmp)
-        fault_point("save", step)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
         if self.rank == 0:
             with open(tmp / "trainer.json", "w") as f:
                 json.dump(trainer_state, f, indent=1, default=str)
+        if extra_writer is not None:
+            extra_writer(tmp)
+        if async_save:
+            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_group())
+            self._pending = (step, tmp, final, future)
+            return final
+        dcp.save(tensors, checkpoint_id=str(tmp))
+        self._pending = (step, tmp, final, None)
+        self.finalize()
+        return final
+
+    def _async_group(self):
+        # async writes coordinate on their own gloo group, never on the training (NCCL) group
+        if dist.is_available() and dist.is_initialized():
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo")
+            return self._group
+        return None
+
+    def finalize(self) -> None:
+        """Make the pending checkpoint visible once every rank's shards are on disk (collective)."""
+        if self._pending is None:
+            return
+        step, tmp, final, future = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        fault_point("save", step)
         barrier()
         if self.rank == 0:
             write_manifest(tmp)
             os.replace(tmp, final)
             self._retain(step)
         barrier()
-        return final
 
     def _retain(self, newest: int) -> None:
         ckpts = list_checkpoints(self.root)

@@ -244,7 +244,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state(),
-                              extra_writer=self._engine_io()[0])
+                              extra_writer=self._engine_io()[0],
+                              async_save=self.cfg.checkpoint.async_save and self.engine is None)
         if self.dist.is_main:
             log.info("saved checkpoint %s", path)
         return path
@@ -506,9 +507,11 @@ class Trainer:
                 self.save_checkpoint()
                 last_saved = step
             if stop:
+                self.ckpt.finalize()  # the preemption checkpoint must be complete before we leave
                 if bar is not None:
                     bar.close()
                 return "preempted"
+        self.ckpt.finalize()
         if bar is not None:
             bar.close()
         if cfg.train.sample_every > 0 and total % cfg.train.sample_every != 0:

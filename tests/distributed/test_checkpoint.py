@@ -117,3 +117,18 @@ def test_export_matches_across_backends(tmp_path, npz, reference):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_async_save_and_retention(tmp_path, npz, reference):
+    """dcp.async_save on its own gloo group gives the same run; keep_last + keep_every milestones."""
+    run = tmp_path / "run"
+    train(run, npz, COMMON + ["train.steps=10", "checkpoint.async_save=true", "checkpoint.keep_last=2",
+                              "checkpoint.keep_every=4"], nproc=2)
+    assert losses(run) == losses(reference)
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert steps == [4, 8, 10]  # the last two (8, 10) and the milestones (4, 8)
+    assert not list((run / "checkpoints").glob("tmp-*"))
+    wa, _ = _weights(run)
+    wb, _ = _weights(reference)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
