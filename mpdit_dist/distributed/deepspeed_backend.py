@@ -300,6 +300,37 @@ def make_ema(trainer) -> ShardedEMA:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
+def _deepspeed_safe_globals() -> list:
+    """The plain DeepSpeed classes pickled in its checkpoint files (an enum, the loss scaler's
+    settings, a fragment's address): allow-listed for ``weights_only`` loading, nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs whatever a
+    pickle says; within this block every ``torch.load`` is ``weights_only=True`` with DeepSpeed's
+    few plain classes allowed, so a checkpoint from elsewhere cannot run code. A file that needs
+    another class fails with an error that names it. (Not thread-safe: it swaps ``torch.load``.)"""
+    original = torch.load
+    allowed = _deepspeed_safe_globals()
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def tensor_state(trainer) -> dict[str, Any]:
     """What goes through ``torch.distributed.checkpoint``: the sharded EMA. Weights, optimizer
     and schedule are written by the engine itself (:func:`save_engine`)."""
@@ -341,7 +372,8 @@ def to_universal(ckpt_dir: Path) -> Path:
     args = Namespace(input_folder=str(ckpt_dir / DS_SUBDIR / DS_TAG), output_folder=str(tmp / DS_TAG),
                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                      inject_missing_state=False)
-    ds_to_universal(args)
+    with weights_only_loading():
+        ds_to_universal(args)
     os.replace(tmp, out)
     return out
 
@@ -372,7 +404,8 @@ def load_engine(trainer, ckpt_dir: Path) -> None:
             f"parallel.zero_stage={stage}: resume with parallel.zero_stage={saved_stage}"
         )
     if not partitioned or saved_world == trainer.dist.world_size:
-        path, _ = engine.load_checkpoint(str(ckpt_dir / DS_SUBDIR), tag=DS_TAG)
+        with weights_only_loading():
+            path, _ = engine.load_checkpoint(str(ckpt_dir / DS_SUBDIR), tag=DS_TAG)
     else:
         if trainer.dist.is_main:
             log.info("checkpoint %s was written by %d ranks, this run has %d: loading it through "
@@ -382,7 +415,8 @@ def load_engine(trainer, ckpt_dir: Path) -> None:
         # the engine reads this switch when loading only; DeepSpeed has no argument for it
         engine._config.load_universal_checkpoint = True
         try:
-            path, _ = engine.load_checkpoint(str(ckpt_dir / UNIVERSAL_SUBDIR), tag=DS_TAG)
+            with weights_only_loading():
+                path, _ = engine.load_checkpoint(str(ckpt_dir / UNIVERSAL_SUBDIR), tag=DS_TAG)
         finally:
             engine._config.load_universal_checkpoint = False
     if path is None:
@@ -406,12 +440,14 @@ def load_consolidated(ckpt_path: str | Path, key: str) -> dict[str, torch.Tensor
         if any(tag_dir.glob("*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+            with weights_only_loading():
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
         else:  # ZeRO stage 0: the module's weights are in the model states file
             files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
             if not files:
                 raise FileNotFoundError(f"no DeepSpeed model states in {tag_dir}")
-            sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            with weights_only_loading():
+                sd = torch.load(files[0], map_location="cpu")["module"]
         return {k: v.float() for k, v in _strip_module(sd).items()}
     if key == "ema":
         import torch.distributed.checkpoint as dcp

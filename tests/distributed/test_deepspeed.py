@@ -215,3 +215,19 @@ def test_bf16_zero3_close_to_fp32(tmp_path, npz, plain):
     train(run, npz, ["train.steps=3", "train.ckpt_every=0", "optim.warmup_steps=0", "train.precision=bf16",
                      "parallel.zero_stage=3"] + DS, nproc=2)
     assert_losses_close(losses(run), {s: v for s, v in losses(plain).items() if s <= 3}, 1e-3, (1, 2, 3))
+
+
+def test_deepspeed_files_load_without_running_pickled_code(tmp_path):
+    """A DeepSpeed file that asks the unpickler for anything beyond DeepSpeed's few plain classes
+    is refused (here ``argparse.Namespace``, harmless, standing for any callable a pickle names)."""
+    import argparse
+
+    from mpdit_dist.distributed.deepspeed_backend import load_consolidated
+
+    tag = tmp_path / "step_00000001" / "deepspeed" / "ds"
+    tag.mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}, "args": argparse.Namespace(a=1)}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(Exception, match="Namespace"):
+        load_consolidated(tmp_path / "step_00000001", "model")
+    torch.save({"module": {"w": torch.ones(2)}}, tag / "mp_rank_00_model_states.pt")
+    assert torch.equal(load_consolidated(tmp_path / "step_00000001", "model")["w"], torch.ones(2))
