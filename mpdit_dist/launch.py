@@ -320,6 +320,14 @@ class TrainingTask:
         self.resume = resume
         self.barrier_timeout_s = barrier_timeout_s
 
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's own USR2 handler calls this, on rank 0, only when the signal comes before
+        ``__call__`` has installed ours (during start-up): nothing is trained yet, so requeue the
+        same submission, which resumes from the run directory like any requeue."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
     def __call__(self) -> dict[str, Any]:
         import submitit
 

@@ -125,6 +125,14 @@ def test_restart_count_from_slurm_or_local_record(tmp_path, monkeypatch):
     assert launch.restart_count("local", tmp_path, "7") == 2
 
 
+def test_early_signal_requeues_the_same_submission():
+    """submitit's handler (active until the task installs ours) calls checkpoint() on rank 0."""
+    task = launch.TrainingTask({"x": 1}, "/tmp/run")
+    delayed = task.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function is task and delayed.args == () and delayed.kwargs == {}
+
+
 # ----- inside the job -----
 
 def test_master_port_is_per_job():
