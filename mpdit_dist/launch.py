@@ -309,9 +309,10 @@ def set_mlflow_tags(cfg: C.Config, run_dir: Path, tags: dict[str, str]) -> bool:
 class TrainingTask:
     """The callable submitit runs on every task of the job (picklable: plain data only).
 
-    Returns ``{"status", "step", "run_dir", "rank", "restart", "job_id"}`` when the run finished (or
-    when stopped by SIGTERM / in a debug job); leaves with ``SystemExit`` after a preemption
-    checkpoint; raises :class:`RequeueLimitError` when requeued too often.
+    Returns ``{"status", "step", "run_dir", "rank", "restart", "job_id"}`` when the run finished (on
+    the debug executor also when it was stopped); leaves with ``SystemExit`` after a stop (requeued
+    by rank 0 after the warning signal, or not after SIGTERM); raises :class:`RequeueLimitError`
+    when the warning signal comes once the job was requeued ``launch.max_requeues`` times.
     """
 
     def __init__(self, cfg: dict[str, Any], run_dir: str, resume: str = "auto", barrier_timeout_s: float = 300.0):
@@ -479,12 +480,11 @@ def submit(cfg: C.Config, run_dir: str | Path, resume: str = "auto",
     C.validate(cfg)
     params = executor_parameters(cfg, run_dir)  # config errors before anything is written
     ntasks = params["nodes"] * params["tasks_per_node"]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(cfg, run_dir)  # fails here, before any file is written, without srun
     launch_dir = run_dir / LAUNCH_DIR
-    launch_dir.mkdir(exist_ok=True)
+    launch_dir.mkdir(parents=True, exist_ok=True)
     C.save_config(cfg, run_dir / "config.yaml")
     code = write_code_version(launch_dir)
-    executor = make_executor(cfg, run_dir)
     job = executor.submit(TrainingTask(C.to_dict(cfg), str(run_dir), resume))
     job_id = str(job.job_id)
 
