@@ -121,8 +121,8 @@ def build_engine(model: nn.Module, cfg: C.Config, dist_info: DistInfo, micro: in
 
     The optimizer is the engine's (ZeRO's wrapper around torch AdamW, or DeepSpeed's own when the
     user's JSON has an ``optimizer`` section); the scheduler is a ``LambdaLR`` over the client
-    optimizer, stepped by the engine once per optimizer step (``None`` when the user's JSON brings
-    a ``scheduler``: the engine then owns it)."""
+    optimizer (or over DeepSpeed's), stepped by the engine once per optimizer step; the engine's
+    own when the user's JSON has a ``scheduler`` section."""
     import deepspeed
 
     from ..trainer import build_optimizer
@@ -139,6 +139,11 @@ def build_engine(model: nn.Module, cfg: C.Config, dist_info: DistInfo, micro: in
         model=model, optimizer=client_opt, lr_scheduler=sched, config=ds_cfg,
         model_parameters=None if client_opt is not None else model.parameters(),
     )
+    if client_opt is None and "scheduler" not in ds_cfg:
+        # the user's JSON brings its optimizer but no schedule: ours drives it (warm-up, cosine),
+        # over the optimizer whose groups ZeRO steps, and the engine steps it like its own
+        scheduler = torch.optim.lr_scheduler.LambdaLR(engine.basic_optimizer, lr_lambda_fn)
+        engine.lr_scheduler = scheduler
     if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() and not engine.fp16_enabled():
         _record_stage0_grad_norm(engine)
     if dist_info.is_main:
