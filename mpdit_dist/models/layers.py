@@ -109,7 +109,7 @@ class SinusoidalTimeEmbedder(nn.Module):
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if self.frequency_dim % 2:
             feats = F.pad(feats, (0, 1))
-        return self.mlp(feats)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
 class SpectralConv1d(nn.Module):
@@ -160,7 +160,7 @@ class FNOTimeEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         offsets = torch.linspace(-1.0, 1.0, self.grid_size, device=t.device, dtype=torch.float32)
         grid = t.float()[:, None] + offsets[None, :]  # (N, G)
-        h = self.fc0(grid.unsqueeze(-1)).transpose(1, 2)  # (N, width, G)
+        h = self.fc0(grid.unsqueeze(-1).to(self.fc0.weight.dtype)).transpose(1, 2)  # (N, width, G)
         h = F.gelu(self.conv0(h) + self.w0(h))
         h = F.gelu(self.conv1(h) + self.w1(h))
         h = self.conv2(h) + self.w2(h)

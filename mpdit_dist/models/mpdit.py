@@ -202,6 +202,9 @@ class MPDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = self.args.hidden_size
+        # low-precision weights without autocast (DeepSpeed's bf16 mode switches an outer autocast
+        # off inside its engine): bring the input to the weights' dtype; a no-op in fp32
+        x = x.to(self.final_layer.linear.weight.dtype)
         mod = self.time_modulation(self.t_embedder(t)).view(-1, 6, d)
         cond = self.y_embedder(y)
         h = None

@@ -178,3 +178,20 @@ def test_flops_mpdit_half_of_dense():
     per_block = 12 * t * d * d + 2 * t * t * d + 6 * d * d
     assert abs(28 * per_block / 1e9 - 118.6) < 0.3
     assert len(MODEL_CONFIGS) == 10
+
+
+@pytest.mark.parametrize("time_embed", ["fno", "mlp"])
+def test_bf16_weights_without_autocast(time_embed):
+    """DeepSpeed's bf16 mode runs the model with bf16 weights and autocast switched off."""
+    torch.manual_seed(0)
+    model = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=8,
+                         in_channels=4, num_classes=3, num_condition_tokens=2, time_embed=time_embed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    ref = model(x, t, y)
+    out = model.to(torch.bfloat16)(x, t, y)
+    assert out.dtype == torch.bfloat16
+    # bf16 rounding of every weight: close in the aggregate, not element by element
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
