@@ -11,6 +11,9 @@ $(VENV)/.installed: setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q setuptools wheel ninja
+	# DeepSpeed's CPU communication op built now, not JIT-compiled by the first test that needs it
+	DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.16,<1'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

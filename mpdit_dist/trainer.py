@@ -372,7 +372,8 @@ class Trainer:
                 if self.dist.is_main:
                     imgs = decode_to_uint8(lat, self.manifest, self.device)
                     path = self.run_dir / "samples" / f"step_{self.step:08d}_cfg{scale:g}.png"
-                    save_grid(imgs, path)
+                    distinct = len(set(classes))
+                    save_grid(imgs, path, ncol=distinct if distinct <= 16 else None)
                     paths.append(path)
         if self.dist.is_main and self.tracker is not None:
             for p in paths:
