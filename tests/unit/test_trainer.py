@@ -122,3 +122,22 @@ def test_config_errors_name_the_key(tmp_path, npz):
     assert proc.returncode != 0 and "stepz" in proc.stderr
     proc = train(tmp_path / "x", npz, ["model.input_size=12"], check=False)
     assert proc.returncode != 0 and "model.input_size" in proc.stderr
+
+
+def test_init_from_export_warm_starts(tmp_path, npz):
+    """train.init_from: weights only, from an exported safetensors file."""
+    from safetensors.torch import load_file
+
+    from mpdit_dist.export import load_checkpoint_weights
+    from mpdit_dist.export import main as export_main
+
+    train(tmp_path / "a", npz, ["train.steps=2", "train.ckpt_every=2"])
+    export_main([str(tmp_path / "a"), "--out", str(tmp_path / "a.safetensors")])
+    # lr 0: the new run's weights stay exactly the imported ones
+    train(tmp_path / "b", npz, ["train.steps=1", "train.ckpt_every=1", "optim.lr=0",
+                                f"train.init_from={tmp_path / 'a.safetensors'}"])
+    want = load_file(str(tmp_path / "a.safetensors"))
+    got, _, info = load_checkpoint_weights(run_dir=str(tmp_path / "b"), use_ema=False)
+    assert info["step"] == 1
+    for k, v in got.state_dict().items():
+        assert torch.equal(v, want[k]), k
