@@ -33,6 +33,8 @@ from .sample import decode_to_uint8, generate, save_grid
 
 log = logging.getLogger("mpdit_dist.trainer")
 
+STOP_VOTE_EVERY = 10  # steps between the ranks' agreement on a stop request
+
 
 # ------------------------------------------------------------------------------------------------
 # Small builders
@@ -280,8 +282,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------
     def _autocast(self):
-        # DeepSpeed's bf16 keeps bf16 weights (fp32 master in the optimizer); the model's fp32
-        # islands (time features, FFTs) and fp32 inputs still need autocast to meet them
+        # bf16 autocast on every backend. DeepSpeed's bf16 mode keeps bf16 weights and its engine
+        # switches an outer CUDA autocast off inside forward; the model then casts its inputs to the
+        # weights' dtype itself (MPDiT.forward), so both cases meet.
         if self.bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -458,7 +461,6 @@ class Trainer:
         window_steps, window_data, t_window = 0, 0.0, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        last_saved = -1
         while self.step < total:
             t0 = time.perf_counter()
             batch = next(it)
@@ -500,13 +502,17 @@ class Trainer:
             if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
                 self.evaluate()
             stop = preemption.stop_requested()
-            if d.distributed:  # every rank must agree to stop at the same step
-                flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
+            # every rank must agree to stop at the same step; the vote is a host sync, so it is
+            # taken every STOP_VOTE_EVERY steps (a second or two), not at every step
+            if d.distributed:
+                if step % STOP_VOTE_EVERY == 0 or step == total:
+                    flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop = bool(flag.item())
+                else:
+                    stop = False  # a rank's own flag waits for the next vote
             if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop:
                 self.save_checkpoint()
-                last_saved = step
             if stop:
                 self.ckpt.finalize()  # the preemption checkpoint must be complete before we leave
                 if bar is not None:
