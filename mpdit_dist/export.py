@@ -61,7 +61,7 @@ def load_checkpoint_weights(run_dir: Optional[str] = None, checkpoint: Optional[
         dcp.load({key: sd}, checkpoint_id=str(path))
     model.load_state_dict(sd)
     manifest = tstate.get("manifest") or _manifest_of(tstate)
-    info = {"source": str(path), "step": tstate.get("step"), "config": tstate.get("config", {}), "ema": use_ema}
+    info = {"source": str(path.resolve()), "step": tstate.get("step"), "config": tstate.get("config", {}), "ema": use_ema}
     return model, manifest, info
 
 

@@ -12,6 +12,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -205,7 +207,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         parts_dir.mkdir(parents=True, exist_ok=True)
         plan = parts_dir / "settings.json"
         if plan.is_file() and json.loads(plan.read_text()) != json.loads(json.dumps(settings)):
-            raise SystemExit(f"{parts_dir} holds parts of other settings ({plan}); remove it or choose another --out")
+            # parts of another job (other settings or checkpoint) must not be mixed into this one
+            print(f"warning: {parts_dir} holds parts sampled with other settings; starting afresh", file=sys.stderr)
+            shutil.rmtree(parts_dir)
+            parts_dir.mkdir(parents=True)
         plan.write_text(json.dumps(settings, indent=1))
     barrier()
     n_parts = math.ceil(len(labels) / args.batch_size)
