@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mpdit_dist.config import DataConfig
+from tests.helpers.data import global_batches
 from mpdit_dist.data import GlobalOrder, build_loader, denormalize, normalize, read_audit, sample_seed
 
 
@@ -46,25 +47,13 @@ def _cfg(path, g, **kw):
     return DataConfig(**base)
 
 
-def _global_batches(cfg, world, steps, seed=0, state=None):
-    """Run ``world`` simulated ranks for ``steps`` steps; returns (keys, x) per global step."""
-    loaders = [build_loader(cfg, rank=r, world_size=world, seed=seed) for r in range(world)]
-    if state is not None:
-        for ld in loaders:
-            ld.load_state_dict(state)
-    out = []
-    for _ in range(steps):
-        parts = [next(ld) for ld in loaders]
-        out.append(([k for p in parts for k in p["keys"]], torch.cat([p["x"] for p in parts]),
-                    torch.cat([p["y"] for p in parts])))
-    return out, loaders
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_every_sample_exactly_once_per_epoch(tmp_path, world):
     path, x, _ = _npz(tmp_path, n=23)
     g = 6
-    batches, loaders = _global_batches(_cfg(path, g), world, steps=12)  # 72 positions: 3 epochs + 3
+    batches, loaders = global_batches(_cfg(path, g), world, steps=12)  # 72 positions: 3 epochs + 3
     stream = [k for keys, _, _ in batches for k in keys]
     for e in range(3):
         assert Counter(stream[e * 23:(e + 1) * 23]) == Counter(f"k{i:03d}" for i in range(23))
@@ -75,9 +64,9 @@ def test_every_sample_exactly_once_per_epoch(tmp_path, world):
 
 def test_world_sizes_give_identical_global_batches(tmp_path):
     path, _, _ = _npz(tmp_path)
-    ref, _ = _global_batches(_cfg(path, 6), 1, steps=6)
+    ref, _ = global_batches(_cfg(path, 6), 1, steps=6)
     for world in (2, 3):
-        got, _ = _global_batches(_cfg(path, 6), world, steps=6)
+        got, _ = global_batches(_cfg(path, 6), world, steps=6)
         for (k1, x1, y1), (k2, x2, y2) in zip(ref, got):
             assert k1 == k2 and torch.equal(x1, x2) and torch.equal(y1, y2)
 
@@ -86,19 +75,19 @@ def test_world_sizes_give_identical_global_batches(tmp_path):
 def test_resume_mid_epoch_from_2_ranks(tmp_path, new_world):
     path, _, _ = _npz(tmp_path)
     cfg = _cfg(path, 6)
-    full, _ = _global_batches(cfg, 2, steps=9)
-    _, loaders = _global_batches(cfg, 2, steps=5)  # step 5 = position 30, mid epoch 1
+    full, _ = global_batches(cfg, 2, steps=9)
+    _, loaders = global_batches(cfg, 2, steps=5)  # step 5 = position 30, mid epoch 1
     state = json.loads(json.dumps(loaders[0].state_dict()))  # JSON round trip, as a checkpoint does
     assert state == loaders[1].state_dict()  # the same on every rank
-    rest, _ = _global_batches(cfg, new_world, steps=4, state=state)
+    rest, _ = global_batches(cfg, new_world, steps=4, state=state)
     for (k1, x1, y1), (k2, x2, y2) in zip(full[5:], rest):
         assert k1 == k2 and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_workers_do_not_change_the_order(tmp_path):
     path, _, _ = _npz(tmp_path)
-    a, _ = _global_batches(_cfg(path, 6), 2, steps=5)
-    b, loaders = _global_batches(_cfg(path, 6, num_workers=2, prefetch_factor=2), 2, steps=5)
+    a, _ = global_batches(_cfg(path, 6), 2, steps=5)
+    b, loaders = global_batches(_cfg(path, 6, num_workers=2, prefetch_factor=2), 2, steps=5)
     for ld in loaders:
         ld.close()
     for (k1, x1, _), (k2, x2, _) in zip(a, b):

@@ -8,6 +8,7 @@ import torch
 from data_prep.encode import encode_dataset
 from data_prep.fixtures import save_tiny_vae, write_digits_image_folder, write_test_image_folder
 from mpdit_dist.config import DataConfig
+from tests.helpers.data import global_batches
 from mpdit_dist.data import build_loader, denormalize, read_manifest, sample_seed
 from mpdit_dist.data.sources import open_source
 
@@ -37,17 +38,6 @@ def _cfg(path, fmt, g, **kw):
     return DataConfig(**base)
 
 
-def _run(cfg, world, steps, state=None, seed=0):
-    loaders = [build_loader(cfg, rank=r, world_size=world, seed=seed) for r in range(world)]
-    if state is not None:
-        for ld in loaders:
-            ld.load_state_dict(state)
-    out = []
-    for _ in range(steps):
-        parts = [next(ld) for ld in loaders]
-        out.append(([k for p in parts for k in p["keys"]], torch.cat([p["x"] for p in parts]),
-                    torch.cat([p["y"] for p in parts])))
-    return out, loaders
 
 
 def _same(a, b):
@@ -62,7 +52,7 @@ def _same(a, b):
 def test_each_format_and_world_covers_every_sample_once_per_epoch(digits, fmt, world):
     n = read_manifest(digits)["num_samples"]
     assert n == 50
-    batches, _ = _run(_cfg(digits, fmt, 12), world, steps=13)  # 156 positions: 3 epochs and a bit
+    batches, _ = global_batches(_cfg(digits, fmt, 12), world, steps=13)  # 156 positions: 3 epochs and a bit
     stream = [k for keys, _, _ in batches for k in keys]
     everything = Counter(f"{i:09d}" for i in range(50))
     for e in range(3):
@@ -72,21 +62,21 @@ def test_each_format_and_world_covers_every_sample_once_per_epoch(digits, fmt, w
 
 
 def test_formats_and_world_sizes_agree_on_every_tensor(vae_data):
-    ref, _ = _run(_cfg(vae_data, "mds", 6), 1, steps=5)
-    _same(ref, _run(_cfg(vae_data, "wds", 6), 1, steps=5)[0])
+    ref, _ = global_batches(_cfg(vae_data, "mds", 6), 1, steps=5)
+    _same(ref, global_batches(_cfg(vae_data, "wds", 6), 1, steps=5)[0])
     for world in (2, 3):
-        _same(ref, _run(_cfg(vae_data, "wds", 6), world, steps=5)[0])
-        _same(ref, _run(_cfg(vae_data, "mds", 6), world, steps=5)[0])
+        _same(ref, global_batches(_cfg(vae_data, "wds", 6), world, steps=5)[0])
+        _same(ref, global_batches(_cfg(vae_data, "mds", 6), world, steps=5)[0])
 
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 @pytest.mark.parametrize("new_world", [1, 3])
 def test_state_saved_mid_epoch_with_2_ranks_resumes_with_1_and_3(vae_data, fmt, new_world):
     cfg = _cfg(vae_data, fmt, 6)
-    full, _ = _run(cfg, 2, steps=7)
-    _, loaders = _run(cfg, 2, steps=3)  # 18 positions: mid epoch 1 of 12 samples
+    full, _ = global_batches(cfg, 2, steps=7)
+    _, loaders = global_batches(cfg, 2, steps=3)  # 18 positions: mid epoch 1 of 12 samples
     state = json.loads(json.dumps(loaders[1].state_dict()))
-    rest, _ = _run(cfg, new_world, steps=4, state=state)
+    rest, _ = global_batches(cfg, new_world, steps=4, state=state)
     _same(full[3:], rest)
 
 
@@ -132,9 +122,9 @@ def test_normalised_with_manifest_statistics(digits):
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_remote_store_through_the_local_cache(digits, tmp_path, fmt):
-    local, _ = _run(_cfg(digits, fmt, 12), 2, steps=5)
+    local, _ = global_batches(_cfg(digits, fmt, 12), 2, steps=5)
     cache = tmp_path / "cache"
-    remote, _ = _run(_cfg("", fmt, 12, remote=str(digits), cache_dir=str(cache)), 2, steps=5)
+    remote, _ = global_batches(_cfg("", fmt, 12, remote=str(digits), cache_dir=str(cache)), 2, steps=5)
     _same(local, remote)
     assert (cache / "manifest.json").is_file()
     sub = cache / fmt
@@ -143,8 +133,8 @@ def test_remote_store_through_the_local_cache(digits, tmp_path, fmt):
 
 
 def test_workers_and_prefetch_keep_the_order(digits):
-    a, _ = _run(_cfg(digits, "wds", 12), 2, steps=6)
-    b, loaders = _run(_cfg(digits, "wds", 12, num_workers=2, prefetch_factor=3), 2, steps=6)
+    a, _ = global_batches(_cfg(digits, "wds", 12), 2, steps=6)
+    b, loaders = global_batches(_cfg(digits, "wds", 12, num_workers=2, prefetch_factor=3), 2, steps=6)
     for ld in loaders:
         ld.close()
     _same(a, b)
