@@ -55,10 +55,13 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def _require_all(self, state: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise KeyError(f"EMA state lacks {missing[:5]}")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._require_all(state)
         with torch.no_grad():
             for name, s in zip(self.names, self.shadow):
                 src = state[name]

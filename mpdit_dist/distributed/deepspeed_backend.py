@@ -250,13 +250,8 @@ class ShardedEMA(EMA):
         src = self._fp32_sources(list(model.parameters()))
         torch._foreach_lerp_(self.local, [s.to(t.device) for s, t in zip(src, self.local)], weight)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.shadow))
-
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise KeyError(f"EMA state lacks {missing[:5]}")
+        self._require_all(state)
         with torch.no_grad():
             for name, local, shadow, (_, start, end) in zip(self.names, self.local, self.shadow, self.bounds):
                 src = state[name]
