@@ -25,8 +25,10 @@ def write_digits_image_folder(out: str | os.PathLike, size: int = 16, limit: int
         label = int(digits.target[i])
         d = out / f"digit_{label}"
         d.mkdir(parents=True, exist_ok=True)
-        img = Image.fromarray((digits.images[i] * (255.0 / 16.0)).astype(np.uint8), mode="L")
-        img.resize((size, size), Image.NEAREST).save(d / f"{i:05d}.png")
+        img = Image.fromarray((digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        if size != img.width:
+            img = img.resize((size, size), Image.NEAREST)
+        img.save(d / f"{i:05d}.png")
     return out
 
 

@@ -18,22 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_digits(root: Path) -> int:
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    n = 0
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
-        folder = root / f"{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{i:04d}.png"
-        if not path.exists():
-            Image.fromarray((img * (255.0 / 16.0)).round().astype("uint8"), mode="L").save(path)
-        n += 1
-    return n
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/demo", help="where images, shards, the run and the store go")
@@ -43,9 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
 
-    n = write_digits(out / "images")
-    print(f"[demo] {n} digit images in {out / 'images'}")
     from data_prep.encode import encode_dataset
+    from data_prep.fixtures import write_digits_image_folder
+
+    # the digits at their own 8x8; the encoder's ADM resize brings them to 16x16
+    write_digits_image_folder(out / "images", size=8)
+    print(f"[demo] 1,797 digit images in {out / 'images'}")
 
     data = out / "data"
     if not (data / "manifest.json").is_file():
