@@ -174,6 +174,14 @@ class Config:
     run_name: Optional[str] = None
 
 
+def add_run_arguments(ap) -> None:
+    """The command-line arguments every run entry point shares (train.py, slurm/submit.py)."""
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("--run-dir", default=None, help="run directory (default: <results_dir>/<run_name or model>)")
+    ap.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run dir), never, or a path")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
 def _wrap(exc: Exception, where: str) -> ConfigError:
     return ConfigError(f"{where}: {exc}")
 

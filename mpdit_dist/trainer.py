@@ -545,10 +545,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     ap = argparse.ArgumentParser(description="Train an MPDiT model.",
                                  epilog="Overrides: key.sub=value, e.g. data.global_batch_size=256 train.steps=1000")
-    ap.add_argument("--config", required=True, help="YAML config file")
-    ap.add_argument("--run-dir", default=None, help="run directory (default: <results_dir>/<run_name or model>)")
-    ap.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run dir), never, or a path")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    C.add_run_arguments(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = C.load_config(args.config, args.overrides)

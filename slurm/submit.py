@@ -26,12 +26,9 @@ from mpdit_dist import launch  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Submit an MPDiT training run through submitit (SLURM, local, debug).",
                                  epilog="Overrides: key.sub=value, e.g. launch.nodes=4 launch.partition=gpu")
-    ap.add_argument("--config", required=True, help="YAML config file")
-    ap.add_argument("--run-dir", default=None, help="run directory (default: <results_dir>/<run_name or model>)")
-    ap.add_argument("--resume", default="auto", help="auto (newest checkpoint in the run dir), never, or a path")
+    C.add_run_arguments(ap)
     ap.add_argument("--wait", action="store_true", help="wait for the job; exit 1 with its log tail if it fails")
     ap.add_argument("--timeout", type=float, default=None, help="with --wait: give up waiting after this many s")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     try:
         cfg = C.load_config(args.config, args.overrides)
