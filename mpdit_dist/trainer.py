@@ -282,10 +282,12 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------
     def _autocast(self):
-        # bf16 autocast on every backend. DeepSpeed's bf16 mode keeps bf16 weights and its engine
-        # switches an outer CUDA autocast off inside forward; the model then casts its inputs to the
-        # weights' dtype itself (MPDiT.forward), so both cases meet.
-        if self.bf16:
+        # bf16 autocast for DDP, FSDP2 and one device. Under DeepSpeed the engine owns precision:
+        # its bf16 mode keeps bf16 weights and it switches an outer CUDA autocast off inside
+        # forward anyway (a ``torch_autocast`` section in a user's JSON is its own way to ask for
+        # autocast), so the trainer adds none, and a CPU run takes the same path as a CUDA run.
+        # The model brings its fp32 inputs to the weights' dtype itself (MPDiT.forward).
+        if self.bf16 and self.engine is None:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

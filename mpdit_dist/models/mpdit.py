@@ -126,14 +126,18 @@ class Stage(nn.Module):
     def enter(self, h: torch.Tensor | None, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Tokens entering this stage's blocks: (N, K + grid^2, D)."""
         k = self.num_cond_tokens
+        # the fp32 position buffer follows x, which carries the weights' dtype (MPDiT.forward's
+        # cast, FSDP2's input cast): a no-op with fp32 weights; bf16 under DeepSpeed's bf16 mode,
+        # whose engine leaves buffers in fp32 and autocast off
+        pos = self.pos_embed.to(x.dtype)
         if self.index == 0:
-            spatial = self.patch_embed(x) + self.pos_embed
+            spatial = self.patch_embed(x) + pos
             return torch.cat([cond, spatial], dim=1)
         h = self.upsampler(h, k, self.prev_grid)
         spatial = h[:, k:]
         if self.skip_connection:
             spatial = spatial + self.skip_proj(self.skip_embed(x))
-        return torch.cat([h[:, :k], spatial + self.pos_embed], dim=1)
+        return torch.cat([h[:, :k], spatial + pos], dim=1)
 
     def forward(self, h: torch.Tensor | None, x: torch.Tensor, cond: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         h = self.enter(h, x, cond)

@@ -210,10 +210,13 @@ def test_export_gives_the_trained_weights(tmp_path, two_rank_runs, plain):
     assert any(not torch.allclose(raw[k], ema[k], atol=1e-4) for k in raw)
 
 
-def test_bf16_zero3_close_to_fp32(tmp_path, npz, plain):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_close_to_fp32(tmp_path, npz, plain, stage):
+    """DeepSpeed's bf16 mode: bf16 parameters, fp32 buffers, and no autocast (the trainer adds
+    none under DeepSpeed, as the engine switches CUDA's off): the CPU run takes the CUDA path."""
     run = tmp_path / "bf16"
     train(run, npz, ["train.steps=3", "train.ckpt_every=0", "optim.warmup_steps=0", "train.precision=bf16",
-                     "parallel.zero_stage=3"] + DS, nproc=2)
+                     f"parallel.zero_stage={stage}"] + DS, nproc=2)
     assert_losses_close(losses(run), {s: v for s, v in losses(plain).items() if s <= 3}, 1e-3, (1, 2, 3))
 
 

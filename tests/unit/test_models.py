@@ -180,9 +180,11 @@ def test_flops_mpdit_half_of_dense():
     assert len(MODEL_CONFIGS) == 10
 
 
+@pytest.mark.parametrize("buffers", ["fp32", "bf16"])
 @pytest.mark.parametrize("time_embed", ["fno", "mlp"])
-def test_bf16_weights_without_autocast(time_embed):
-    """DeepSpeed's bf16 mode runs the model with bf16 weights and autocast switched off."""
+def test_bf16_weights_without_autocast(time_embed, buffers):
+    """DeepSpeed's bf16 mode runs the model with bf16 parameters and autocast switched off; its
+    0.19 engine leaves buffers (the fp32 positions) as they are, older ones cast them too."""
     torch.manual_seed(0)
     model = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=8,
                          in_channels=4, num_classes=3, num_condition_tokens=2, time_embed=time_embed)
@@ -191,7 +193,15 @@ def test_bf16_weights_without_autocast(time_embed):
             p.add_(0.05 * torch.randn_like(p))
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
     ref = model(x, t, y)
-    out = model.to(torch.bfloat16)(x, t, y)
+    if buffers == "bf16":
+        model.to(torch.bfloat16)
+    else:
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        assert all(b.dtype == torch.float32 for b in model.buffers())
+    out = model(x, t, y)
+    out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
     # bf16 rounding of every weight: close in the aggregate, not element by element
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
