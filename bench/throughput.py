@@ -74,6 +74,8 @@ from mpdit_dist.trainer import Trainer, build_optimizer, lr_lambda, step_generat
 PHASES = ("data", "draw", "forward", "backward", "optimizer", "ema")
 PRECISIONS = ("bf16", "fp32")
 AC_MODES = ("none", "full")
+BACKENDS = ("none", "fsdp2")
+COMPILE_SCOPES = ("blocks", "model")
 # keys of a model's overrides that the official constructor understands too
 OFFICIAL_KEYS = ("input_size", "in_channels", "num_classes", "num_condition_tokens")
 
@@ -105,21 +107,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 def bench_config(batch: int, precision: str, device: torch.device, *, seed: int = 0, compile: bool = False,
-                 ac: str = "none", lr: Optional[float] = None, optimizer_fused: Optional[bool] = None) -> C.Config:
+                 ac: str = "none", lr: Optional[float] = None, optimizer_fused: Optional[bool] = None,
+                 compile_scope: str = "blocks", compile_mode: Optional[str] = None,
+                 backend: str = "none") -> C.Config:
     """The config sections ``Trainer.train_step`` reads: one rank, no accumulation, defaults elsewhere
-    (AdamW lr 1e-4, grad clip 1.0, EMA 0.9999 with warm-up, logit-normal t, 10% class dropout)."""
+    (AdamW lr 1e-4, grad clip 1.0, EMA 0.9999 with warm-up, logit-normal t, 10% class dropout).
+    ``backend`` ``fsdp2`` is FSDP2 over this one device: bf16 parameters for compute (fp32 master
+    weights and reduction), as ``parallel.backend=fsdp2`` runs on one GPU."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
     if ac not in AC_MODES:
         raise ValueError(f"activation checkpointing {ac!r}: choose one of {AC_MODES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {BACKENDS}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {compile_scope!r}: choose one of {COMPILE_SCOPES}")
     cfg = C.Config()
     cfg.train.device = device.type
     cfg.train.precision = precision
     cfg.train.seed = seed
     cfg.data.global_batch_size = batch
     cfg.data.micro_batch_size = None
-    cfg.parallel.backend = "none"
+    cfg.parallel.backend = backend
     cfg.parallel.compile = compile
+    cfg.parallel.compile_scope = compile_scope
+    cfg.parallel.compile_mode = compile_mode
     cfg.parallel.activation_checkpointing = ac
     if lr is not None:
         cfg.optim.lr = lr
@@ -170,6 +182,7 @@ def build_official(module, name: str, overrides: dict[str, Any]) -> tuple[nn.Mod
 def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, batch: int, precision: str = "fp32",
                 compile: bool = False, ac: str = "none", device: str | torch.device = "cpu", seed: int = 0,
                 lr: Optional[float] = None, optimizer_fused: Optional[bool] = None,
+                compile_scope: str = "blocks", compile_mode: Optional[str] = None, backend: str = "none",
                 official_module=None) -> Setup:
     """A ``Trainer`` ready to step: the pieces ``Trainer.build`` makes, minus the data loader and files.
 
@@ -178,8 +191,11 @@ def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, 
     """
     device = torch.device(device)
     overrides = dict(overrides or {})
+    if official_module is not None and backend != "none":
+        raise ValueError(f"the official model runs with backend none only, not {backend!r}")
     cfg = bench_config(batch, precision, device, seed=seed, compile=compile, ac=ac, lr=lr,
-                       optimizer_fused=optimizer_fused)
+                       optimizer_fused=optimizer_fused, compile_scope=compile_scope, compile_mode=compile_mode,
+                       backend=backend)
     # the real constructor: batch split, precision choice, device; build() (loader, run dir) is not called
     trainer = Trainer(cfg, run_dir=Path(tempfile.gettempdir()) / "mpdit-bench-unused")
     if device.type == "cuda":  # as Trainer.build
@@ -194,7 +210,7 @@ def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, 
             model = create_model(model_name, **overrides)
         args = model.args
         model.to(device)
-        wrapped = parallelize(model, cfg.parallel, trainer.dist, "none", mixed_precision=trainer.bf16)
+        wrapped = parallelize(model, cfg.parallel, trainer.dist, trainer.backend, mixed_precision=trainer.bf16)
         impl = "ours"
     else:
         with device:
@@ -204,8 +220,10 @@ def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, 
         if ac != "none":
             apply_ac_official = lambda b: _checkpoint(b)  # noqa: E731
             _wrap_official_blocks(model, apply_ac_official)
-        if compile:
-            _wrap_official_blocks(model, lambda b: torch.compile(b, fullgraph=True))
+        if compile and compile_scope == "model":
+            model.compile(mode=compile_mode)
+        elif compile:
+            _wrap_official_blocks(model, lambda b: torch.compile(b, fullgraph=True, mode=compile_mode))
         wrapped = model
         impl = "official"
     trainer.raw_model = model
@@ -294,14 +312,16 @@ class PhaseTimer:
 
 
 def instrumented_step(trainer: Trainer, batch_cpu: dict[str, torch.Tensor], timer: PhaseTimer) -> torch.Tensor:
-    """``Trainer.train_step`` for one rank without accumulation, cut into timed phases.
+    """``Trainer.train_step`` for one rank without accumulation (plain or FSDP2), cut into timed phases.
 
     Same calls in the same order as the trainer (tests check losses and weights agree), except that
     the batch arrives as a (pinned) CPU batch, so the host->device copy is timed as ``data``.
     """
     tr = trainer
-    if tr.accum != 1 or tr.backend != "none" or tr.engine is not None:
-        raise ValueError("instrumented_step covers one rank without gradient accumulation")
+    if tr.accum != 1 or tr.dist.world_size != 1 or tr.backend not in BACKENDS or tr.engine is not None:
+        raise ValueError("instrumented_step covers one rank without gradient accumulation, backend none or fsdp2")
+    if tr.backend == "fsdp2":
+        tr.model.set_requires_gradient_sync(True)  # as train_step at the last (here only) micro-batch
     with timer.phase("data"):
         x = batch_cpu["x"].to(tr.device, non_blocking=True)
         y = batch_cpu["y"].to(tr.device, non_blocking=True)
@@ -452,12 +472,21 @@ class Variant:
     compile: bool
     attention: str = "auto"
     official: bool = False
+    scope: str = "blocks"  # what torch.compile covers: each block alone, or the whole forward
+    mode: Optional[str] = None  # torch.compile mode (None: the default)
+    backend: str = "none"  # none, or fsdp2 over the one device (bf16 parameters)
 
     @property
     def label(self) -> str:
         impl = "official " if self.official else ""
         attn = "timm" if self.official else self.attention
-        return f"{impl}{self.model} [{attn}, {'compiled' if self.compile else 'eager'}]"
+        how = "eager"
+        if self.compile:
+            how = "compiled" if self.scope == "blocks" else "compiled model"
+            if self.mode:
+                how += f" {self.mode}"
+        extra = "" if self.backend == "none" else f", {self.backend}"
+        return f"{impl}{self.model} [{attn}, {how}{extra}]"
 
 
 def free_device_memory() -> None:
@@ -473,7 +502,9 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
     """Build, warm up (compiles here), time fused, time phases, optionally profile; never raises
     for a failure of the variant itself: the row says ``status: failed`` and why."""
     row: dict[str, Any] = {"label": v.label, "model": v.model, "impl": "official" if v.official else "ours",
-                           "compile": v.compile, "attention": "timm" if v.official else v.attention,
+                           "compile": v.compile, "compile_scope": v.scope if v.compile else None,
+                           "compile_mode": v.mode if v.compile else None, "backend": v.backend,
+                           "attention": "timm" if v.official else v.attention,
                            "precision": precision, "batch": batch, "ac": ac, "status": "ok"}
     setup = tr = timer = loss = None
     free_device_memory()
@@ -488,6 +519,7 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
             over["attention"] = v.attention
         setup = build_setup(v.model, over, batch=batch, precision=precision, compile=v.compile, ac=ac,
                             device=device, seed=seed, optimizer_fused=optimizer_fused,
+                            compile_scope=v.scope, compile_mode=v.mode, backend=v.backend,
                             official_module=official_module if v.official else None)
         tr = setup.trainer
         row["params"] = count_parameters(setup.trainer.raw_model)
@@ -609,17 +641,28 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
     return out
 
 
-def _bool_list(text: str, flag: str) -> list[bool]:
+def _compile_list(text: str) -> list[tuple[bool, str]]:
+    """``--compile``: (compiled, scope) per item; 0 = eager, 1 or blocks = each block, model = the whole forward."""
     out = []
     for item in text.split(","):
         item = item.strip().lower()
         if item in ("0", "false", "no", "eager"):
-            out.append(False)
-        elif item in ("1", "true", "yes", "compiled"):
-            out.append(True)
+            out.append((False, "blocks"))
+        elif item in ("1", "true", "yes", "compiled", "blocks"):
+            out.append((True, "blocks"))
+        elif item == "model":
+            out.append((True, "model"))
         else:
-            raise SystemExit(f"{flag} {text!r}: expected a comma list of 0/1")
+            raise SystemExit(f"--compile {text!r}: expected a comma list of 0, 1 (= blocks), blocks or model")
     return out
+
+
+def _list(text: str, flag: str, allowed: Sequence[str]) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise SystemExit(f"{flag} {text!r}: choose from {', '.join(allowed)}")
+    return items
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -701,7 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models", default="MPDiT-XL/4x,DiT-XL/2", help="comma list of model names (or custom)")
     ap.add_argument("--batch", type=int, default=128, help="images per step (one device)")
     ap.add_argument("--precision", default="bf16", choices=PRECISIONS, help="bf16 autocast or plain fp32")
-    ap.add_argument("--compile", default="0,1", help="comma list of 0/1: per-block torch.compile off/on")
+    ap.add_argument("--compile", default="0,1",
+                    help="comma list of 0 (eager), 1 or blocks (per-block torch.compile), model (the whole forward)")
+    ap.add_argument("--compile-mode", default="default",
+                    help="comma list of torch.compile modes for the compiled variants, e.g. "
+                         "default,max-autotune-no-cudagraphs")
+    ap.add_argument("--backend", default="none",
+                    help=f"comma list of {'|'.join(BACKENDS)}; fsdp2 = FSDP2 over the one device (bf16 parameters)")
     ap.add_argument("--attention", default="auto", help=f"comma list of {'|'.join(ATTENTION_BACKENDS)}")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per pass")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
@@ -739,7 +788,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     bad = [a for a in attentions if a not in ATTENTION_BACKENDS]
     if bad:
         raise SystemExit(f"--attention {bad}: choose from {ATTENTION_BACKENDS}")
-    compiles = _bool_list(args.compile, "--compile")
+    compiles = _compile_list(args.compile)
+    modes = [None if m == "default" else m for m in (t.strip() for t in args.compile_mode.split(",")) if m]
+    backends = _list(args.backend, "--backend", BACKENDS)
     overrides = {"input_size": args.input_size, "in_channels": args.in_channels, "num_classes": args.num_classes}
     overrides.update(parse_overrides(args.model_overrides))
     for m in models:  # fail before any device time is spent
@@ -749,13 +800,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise SystemExit(f"--models {m!r} with overrides {overrides}: {exc}") from None
     fused = None if args.optimizer_fused == "auto" else args.optimizer_fused == "1"
 
-    variants = [Variant(m, c, a) for m in models for a in attentions for c in compiles]
-    official_module, skipped = None, []
+    def settings(official: bool = False):
+        for (c, scope) in compiles:
+            for mode in (modes if c else [None]):
+                for b in (["none"] if official else backends):
+                    yield c, scope, mode, b
+
+    variants, skipped = [], []
+    for m in models:
+        for a in attentions:
+            for c, scope, mode, b in settings():
+                v = Variant(m, c, a, scope=scope, mode=mode, backend=b)
+                if b == "fsdp2" and c and scope == "model":
+                    skipped.append({"label": v.label, "status": "skipped",
+                                    "error": "fsdp2 compiles per block only (parallel.compile_scope=model is refused)"})
+                else:
+                    variants.append(v)
+    official_module = None
     if args.official:
         official_module = load_official_module(args.official)
         for m in models:
             if m in official_module.MPDiT_models:
-                variants += [Variant(m, c, official=True) for c in compiles]
+                variants += [Variant(m, c, official=True, scope=scope, mode=mode)
+                             for c, scope, mode, _ in settings(official=True)]
             else:
                 skipped.append({"label": f"official {m}", "status": "skipped",
                                 "error": f"the official MPDiT_models has no {m!r}"})
@@ -788,7 +855,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"{s['label']}: skipped ({s['error']})")
     result = {
         "env": env,
-        "settings": {k: getattr(args, k) for k in ("models", "batch", "precision", "compile", "attention", "steps",
+        "settings": {k: getattr(args, k) for k in ("models", "batch", "precision", "compile", "compile_mode", "backend",
+                                                   "attention", "steps",
                                                    "warmup", "phase_steps", "ac", "optimizer_fused", "seed", "official")},
         "overrides": overrides,
         "phases": list(PHASES),

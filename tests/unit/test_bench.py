@@ -98,6 +98,26 @@ def test_failed_variant_is_reported_and_others_run(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_compile_scope_and_fsdp2_variants(tmp_path, capsys):
+    """--compile model (the whole forward) and --backend fsdp2 (FSDP2 over the one device) are
+    variants of the same step: same weights and data, so the same loss up to fp32 rounding; the
+    pair FSDP2 refuses (whole-forward compile) is listed as skipped, not run."""
+    out = tmp_path / "bench.json"
+    tp.main(["--models", "custom", "--device", "cpu", "--batch", "4", "--steps", "2", "--warmup", "1",
+             "--phase-steps", "1", "--precision", "fp32", "--compile", "0,model", "--backend", "none,fsdp2",
+             "--attention", "sdpa", *TINY_CLI, "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["label"] for r in rows] == ["custom [sdpa, eager]", "custom [sdpa, eager, fsdp2]",
+                                          "custom [sdpa, compiled model]", "custom [sdpa, compiled model, fsdp2]"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "skipped"]
+    assert rows[1]["backend"] == "fsdp2" and rows[2]["compile_scope"] == "model"
+    assert rows[1]["loss_rel_diff"] < 1e-6 and rows[2]["loss_rel_diff"] < 1e-5
+    assert all(r["phases_ms"]["backward"] > 0 for r in rows[:3])
+    assert "compiled model, fsdp2]: skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--compile"):
+        tp.main(["--models", "custom", "--device", "cpu", "--compile", "regional", *TINY_CLI])
+
+
 def test_instrumented_step_is_the_trainer_step():
     """The phase pass cuts Trainer.train_step into pieces; it must compute exactly the same thing."""
     over = dict(TINY, attention="math")
