@@ -775,6 +775,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextlib.contextmanager
+def own_process_group():
+    """The one-rank process group that FSDP2 variants start (``init_distributed`` sets torchrun's
+    variables and initialises it) is destroyed afterwards, and those variables are restored."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -831,21 +850,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"# torch {env['torch']} on {env['device_name']} ({device.type}); batch {args.batch}, {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, AC {args.ac}", flush=True)
     rows = []
-    for v in variants:
-        print(f"# {v.label} ...", flush=True)
-        row = run_variant(v, batch=args.batch, precision=args.precision, steps=args.steps, warmup=args.warmup,
-                          phase_steps=args.phase_steps, device=device, overrides=overrides, ac=args.ac, optimizer_fused=fused,
-                          official_module=official_module, profile=args.profile,
-                          profile_steps_n=args.profile_steps, seed=args.seed)
-        for note in row.get("notes", []):
-            print(f"#   note: {note}", flush=True)
-        if row["status"] != "ok":
-            print(f"#   {row['status']}: {row.get('error')}", flush=True)
-        if "profile" in row:
-            print(format_profile(v.label, row["profile"]), flush=True)
-        elif "profile_error" in row:
-            print(f"#   profile failed: {row['profile_error']}", flush=True)
-        rows.append(row)
+    with own_process_group():  # fsdp2 variants start one; the caller's process is left as it was
+        for v in variants:
+            print(f"# {v.label} ...", flush=True)
+            row = run_variant(v, batch=args.batch, precision=args.precision, steps=args.steps, warmup=args.warmup,
+                              phase_steps=args.phase_steps, device=device, overrides=overrides, ac=args.ac,
+                              optimizer_fused=fused, official_module=official_module, profile=args.profile,
+                              profile_steps_n=args.profile_steps, seed=args.seed)
+            for note in row.get("notes", []):
+                print(f"#   note: {note}", flush=True)
+            if row["status"] != "ok":
+                print(f"#   {row['status']}: {row.get('error')}", flush=True)
+            if "profile" in row:
+                print(format_profile(v.label, row["profile"]), flush=True)
+            elif "profile_error" in row:
+                print(f"#   profile failed: {row['profile_error']}", flush=True)
+            rows.append(row)
     agreement = loss_agreement(rows)
     print()
     print(format_table(rows))

@@ -114,6 +114,8 @@ def test_compile_scope_and_fsdp2_variants(tmp_path, capsys):
     assert rows[1]["loss_rel_diff"] < 1e-6 and rows[2]["loss_rel_diff"] < 1e-5
     assert all(r["phases_ms"]["backward"] > 0 for r in rows[:3])
     assert "compiled model, fsdp2]: skipped" in capsys.readouterr().out
+    # the one-rank group the fsdp2 variant started is gone, with the variables it set
+    assert not torch.distributed.is_initialized() and "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     with pytest.raises(SystemExit, match="--compile"):
         tp.main(["--models", "custom", "--device", "cpu", "--compile", "regional", *TINY_CLI])
 
