@@ -49,10 +49,11 @@ def generate(model, args, classes: Sequence[int], *, seed: int, cfg_scale: float
     model.eval()
 
     def fwd(x, t, yy):
+        # the velocity in fp32 whatever the model computes in (autocast, or bf16 weights under DeepSpeed)
         if bf16:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 return model(x, t, yy).float()
-        return model(x, t, yy)
+        return model(x, t, yy).float()
 
     v = guided_velocity(fwd, args.num_classes, cfg_scale, guidance_interval)
     gen = torch.Generator(device=device).manual_seed(seed + offset)

@@ -281,13 +281,17 @@ class Trainer:
             )
 
     # -------------------------------------------------------------------------------------------
+    @property
+    def autocast_bf16(self) -> bool:
+        """bf16 autocast for DDP, FSDP2 and one device. Under DeepSpeed the engine owns precision:
+        its bf16 mode keeps bf16 weights and it switches an outer CUDA autocast off inside forward
+        anyway (a ``torch_autocast`` section in a user's JSON is its own way to ask for autocast),
+        so the trainer adds none, and a CPU run takes the same path as a CUDA run. The model brings
+        its fp32 inputs to the weights' dtype itself (MPDiT.forward)."""
+        return self.bf16 and self.engine is None
+
     def _autocast(self):
-        # bf16 autocast for DDP, FSDP2 and one device. Under DeepSpeed the engine owns precision:
-        # its bf16 mode keeps bf16 weights and it switches an outer CUDA autocast off inside
-        # forward anyway (a ``torch_autocast`` section in a user's JSON is its own way to ask for
-        # autocast), so the trainer adds none, and a CPU run takes the same path as a CUDA run.
-        # The model brings its fp32 inputs to the weights' dtype itself (MPDiT.forward).
-        if self.bf16 and self.engine is None:
+        if self.autocast_bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -373,7 +377,7 @@ class Trainer:
             for scale in (1.0, self.cfg.train.sample_cfg_scale):
                 lat = generate(self.model, self.model_args, classes, seed=self.cfg.train.seed, cfg_scale=scale,
                                sampler=self.cfg.train.sample_sampler, steps=self.cfg.train.sample_steps,
-                               device=self.device, bf16=self.bf16)
+                               device=self.device, bf16=self.autocast_bf16)
                 if self.dist.is_main:
                     imgs = decode_to_uint8(lat, self.manifest, self.device)
                     path = self.run_dir / "samples" / f"step_{self.step:08d}_cfg{scale:g}.png"
@@ -402,7 +406,7 @@ class Trainer:
                 chunk = mine[i:i + self.micro] or [0]
                 lat = generate(self.model, self.model_args, chunk, seed=cfg.train.seed + 1, cfg_scale=cfg.train.sample_cfg_scale,
                                sampler=cfg.train.sample_sampler, steps=cfg.train.sample_steps, device=self.device,
-                               bf16=self.bf16, offset=start + i)
+                               bf16=self.autocast_bf16, offset=start + i)
                 if mine[i:i + self.micro]:
                     images.append(decode_to_uint8(lat, self.manifest, self.device))
         local = np.concatenate(images) if images else np.zeros((0,), np.uint8)

@@ -216,7 +216,8 @@ def test_bf16_close_to_fp32(tmp_path, npz, plain, stage):
     none under DeepSpeed, as the engine switches CUDA's off): the CPU run takes the CUDA path."""
     run = tmp_path / "bf16"
     train(run, npz, ["train.steps=3", "train.ckpt_every=0", "optim.warmup_steps=0", "train.precision=bf16",
-                     f"parallel.zero_stage={stage}"] + DS, nproc=2)
+                     f"parallel.zero_stage={stage}", "train.sample_every=3", "train.sample_steps=2"] + DS, nproc=2)
+    assert len(list((run / "samples").glob("step_00000003_cfg*.png"))) == 2  # EMA sampling on bf16 weights
     assert_losses_close(losses(run), {s: v for s, v in losses(plain).items() if s <= 3}, 1e-3, (1, 2, 3))
 
 
