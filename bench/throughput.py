@@ -594,17 +594,19 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
 
 def run_losses(model_name: str = "custom", overrides: Optional[dict[str, Any]] = None, steps: int = 100,
                compile: bool = False, attention: str = "auto", precision: str = "fp32", *, batch: int = 8,
-               seed: int = 0, device: str = "cpu", lr: Optional[float] = None) -> list[float]:
+               seed: int = 0, device: str = "cpu", lr: Optional[float] = None, compile_scope: str = "blocks",
+               backend: str = "none") -> list[float]:
     """Per-step training losses of ``steps`` ``Trainer.train_step`` calls with a fixed seed.
 
     Initial weights, data (a fresh synthetic batch per step) and the step's randomness depend only
     on ``seed`` and the step, so two calls differing only in ``compile``/``attention`` compute the
-    same mathematics and their losses differ by floating-point reordering alone.
+    same mathematics and their losses differ by floating-point reordering alone (``backend`` fsdp2
+    with bf16 also rounds the parameters and the activations between blocks to bf16).
     """
     over = dict(overrides or {})
     over["attention"] = attention
     setup = build_setup(model_name, over, batch=batch, precision=precision, compile=compile, device=device,
-                        seed=seed, lr=lr)
+                        seed=seed, lr=lr, compile_scope=compile_scope, backend=backend)
     tr = setup.trainer
     losses = []
     for step in range(steps):
