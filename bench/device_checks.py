@@ -2,7 +2,8 @@
 
 Each check is its own process (clean memory and compile caches) with its own timeout, and the
 whole run keeps to ``--budget-s``: a check that would not fit in what is left is skipped and
-listed as such. Output: a summary table on stdout, and every check's log and JSON under ``--out``.
+listed as such. Output: a summary table on stdout, and every check's log and JSON under ``--out``; the large
+files (latents, run directories, checkpoints) stay under ``--work``.
 
 Checks (``--only`` picks some, in this order):
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,15 +36,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.name=custom", "model.stages=[[4,2],[2,1]]", "model.hidden_size=64", "model.num_heads=4",
               "model.num_condition_tokens=4", "model.input_size=8", "model.num_classes=10",
-              "data.global_batch_size=8", "data.num_workers=0", "train.device=cpu"]
+              "data.global_batch_size=8", "data.num_workers=0", "train.device=cpu",
+              "train.precision=bf16"]  # bf16 as on a GPU: DeepSpeed then takes its CUDA path
 TINY_BENCH = ["--device", "cpu", "--batch", "4", "--steps", "2", "--warmup", "1", "--phase-steps", "1",
               "--input-size", "8", "--num-classes", "10", "--precision", "fp32", "--threads", "1",
               "--model-overrides", "stages=[[4,2],[2,1]],hidden_size=64,num_heads=4,num_condition_tokens=4"]
 
 
 class Runner:
-    def __init__(self, out: Path, budget_s: float):
-        self.out = out
+    def __init__(self, out: Path, work: Path, budget_s: float):
+        self.out = out  # logs, JSON, metrics: small files that come back from a lent machine
+        self.work = work  # latents, run directories and checkpoints: gigabytes at full size
         self.deadline = time.monotonic() + budget_s
         self.summary: list[str] = []
 
@@ -80,7 +84,7 @@ def last_metrics(path: Path) -> dict:
 
 
 def check_backends(r: Runner, tiny: bool) -> None:
-    data = r.out / "latents.npz"
+    data = r.work / "latents.npz"
     subprocess.run([sys.executable, "scripts/make_synthetic_latents.py", str(data), "4096"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     if tiny:
@@ -93,15 +97,18 @@ def check_backends(r: Runner, tiny: bool) -> None:
     for name, extra in (("deepspeed_zero2", ["parallel.backend=deepspeed", "parallel.zero_stage=2"]),
                         ("deepspeed_zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"]),
                         ("fsdp2", ["parallel.backend=fsdp2"])):
-        run_dir = r.out / name
+        run_dir = r.work / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run left by an earlier call would resume, not train
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
                "--config", "configs/gpu_smoke.yaml", "--run-dir", str(run_dir), f"data.path={data}",
                "train.steps=30", "train.ckpt_every=30", *extra] + (TINY_MODEL if tiny else [])
         rc, _ = r.run(name, cmd, timeout_s=150, min_s=60)
         m = last_metrics(run_dir / "metrics.jsonl")
+        if (run_dir / "metrics.jsonl").is_file():
+            shutil.copy(run_dir / "metrics.jsonl", r.out / f"{name}.metrics.jsonl")
         saved = sorted(p.name for p in run_dir.glob("checkpoints/step_*")) if run_dir.is_dir() else []
         rows.append((name, rc, m, saved))
-    r.summary.append("backends (MPDiT-B/4x, batch 128, 1 GPU, 30 steps):")
+    r.summary.append("backends (" + ("a toy model on the CPU" if tiny else "MPDiT-B/4x, batch 128, 1 GPU") + ", 30 steps):")
     r.summary.append(f"  {'backend':<18} {'rc':>4} {'step':>5} {'loss':>8} {'img/s':>8} {'peak GiB':>9}  checkpoints")
     for name, rc, m, saved in rows:
         peak = m.get("peak_mem_gib")
@@ -143,7 +150,10 @@ def check_speed(r: Runner, tiny: bool, which: set[str], models: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "results/device_checks"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "results/device_checks"),
+                    help="logs, JSON and the summary (small files)")
+    ap.add_argument("--work", default="/tmp/mpdit_device_checks",
+                    help="synthetic latents and run directories with their checkpoints (large at full size)")
     ap.add_argument("--budget-s", type=float, default=500, help="stop starting checks past this many seconds")
     ap.add_argument("--only", default="backends,speed,autotune", help="comma list of backends, speed, autotune")
     ap.add_argument("--models", default="MPDiT-XL/4x", help="models of the speed check")
@@ -157,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_SKIP_CUDA_CHECK", "1")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    r = Runner(out, args.budget_s)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    r = Runner(out, work, args.budget_s)
     env = subprocess.run([sys.executable, "-c", "import torch, importlib.util as u; print('torch', torch.__version__, "
                           "torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', "
                           "'| deepspeed', u.find_spec('deepspeed') is not None, '| flash_attn', "
