@@ -1,0 +1,41 @@
+"""bench/device_checks.py, the prepared GPU run, at toy size on the CPU: device time is scarce, so
+the script is kept working here (every check runs and lands in the summary; a budget too small for
+a check skips it and says so)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_tiny_run_of_every_check(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "bench/device_checks.py", "--tiny", "--only", "backends,speed",
+                           "--out", str(out), "--work", str(work), "--budget-s", "600"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "FAILED" not in summary and "SKIPPED" not in summary, summary
+    for backend in ("deepspeed_zero2", "deepspeed_zero3", "fsdp2"):
+        rows = [json.loads(line) for line in (out / f"{backend}.metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == 30 and rows[-1]["img_per_s"] > 0
+        assert (work / backend / "checkpoints" / "step_00000030").is_dir()
+        assert not (out / backend).exists()  # run directories stay under --work
+    for check in ("speed_model_profile", "speed_fsdp2", "speed_dit"):
+        rows = json.loads((out / f"{check}.json").read_text())["results"]
+        assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert "profile ms/step" in summary and "compiled, fsdp2" in summary
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "bench/device_checks.py", "--tiny", "--only", "speed", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--budget-s", "30"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert summary.count("SKIPPED") == 3 and "needs about 90 s" in summary
