@@ -53,12 +53,13 @@ class Runner:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, name: str, cmd: list[str], timeout_s: float, min_s: float) -> tuple[int | None, str]:
-        """Run ``cmd`` with its output in ``out/name.log``; skipped when less than ``min_s`` is left."""
+    def run(self, name: str, cmd: list[str], timeout_s: float, min_s: float) -> int | None:
+        """Run ``cmd`` with its output in ``out/name.log``; its return code, or None when skipped
+        (less than ``min_s`` left of the budget)."""
         left = self.left()
         if left < min_s:
             self.summary.append(f"{name}: SKIPPED ({left:.0f} s left of the budget, needs about {min_s:.0f} s)")
-            return None, ""
+            return None
         timeout = min(timeout_s, left)
         print(f"# {name}: {' '.join(cmd)}  (timeout {timeout:.0f} s)", flush=True)
         t0 = time.monotonic()
@@ -68,13 +69,12 @@ class Runner:
                 rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = -9
-        text = log.read_text(errors="replace")
         took = time.monotonic() - t0
         print(f"#   {name}: rc={rc} in {took:.0f} s", flush=True)
         if rc != 0:
-            tail = "\n".join(line for line in text.splitlines()[-15:])
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             self.summary.append(f"{name}: FAILED rc={rc} after {took:.0f} s; log tail:\n{tail}")
-        return rc, text
+        return rc
 
 
 def last_metrics(path: Path) -> dict:
@@ -102,7 +102,7 @@ def check_backends(r: Runner, tiny: bool) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
                "--config", "configs/gpu_smoke.yaml", "--run-dir", str(run_dir), f"data.path={data}",
                "train.steps=30", "train.ckpt_every=30", *extra] + (TINY_MODEL if tiny else [])
-        rc, _ = r.run(name, cmd, timeout_s=150, min_s=60)
+        rc = r.run(name, cmd, timeout_s=150, min_s=60)
         m = last_metrics(run_dir / "metrics.jsonl")
         if (run_dir / "metrics.jsonl").is_file():
             shutil.copy(run_dir / "metrics.jsonl", r.out / f"{name}.metrics.jsonl")
@@ -131,7 +131,7 @@ def check_speed(r: Runner, tiny: bool, which: set[str], models: str) -> None:
     for name, model_list, extra, timeout_s, min_s in plan:
         js = r.out / f"{name}.json"
         args = ["--models", model_list] + extra
-        rc, _ = r.run(name, bench + args + ["--json", str(js)], timeout_s=timeout_s, min_s=min_s)
+        rc = r.run(name, bench + args + ["--json", str(js)], timeout_s=timeout_s, min_s=min_s)
         if rc == 0 and js.is_file():
             for row in json.loads(js.read_text())["results"]:
                 ph = row.get("phases_ms", {})
