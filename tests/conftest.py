@@ -13,3 +13,11 @@ def tiny_args():
 
     return model_args("custom", stages=((4, 2), (2, 1)), hidden_size=64, num_heads=4, input_size=16,
                       in_channels=3, num_classes=10, num_condition_tokens=4)
+
+
+@pytest.fixture(scope="session")
+def npz(tmp_path_factory):
+    """240 digits as a data.format=memory .npz: the trainer tests' data (read-only, so shared)."""
+    from tests.helpers.runs import digits_npz
+
+    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)

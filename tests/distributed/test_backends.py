@@ -4,14 +4,9 @@ import subprocess
 
 import pytest
 
-from tests.helpers.runs import REPO, TORCHRUN, digits_npz, env, losses, train
+from tests.helpers.runs import REPO, TORCHRUN, env, losses, train
 
 STEPS = ["train.steps=5", "train.ckpt_every=0"]
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,9 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers.runs import digits_npz, losses, train
+from tests.helpers.runs import losses, train
 
 COMMON = ["parallel.backend=fsdp2", "train.ckpt_every=2", "checkpoint.keep_last=3", "data.audit=true"]
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
 
 
 @pytest.fixture(scope="module")

@@ -24,18 +24,13 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers.runs import PY, REPO, TORCHRUN, digits_npz, env, losses, train
+from tests.helpers.runs import PY, REPO, TORCHRUN, env, losses, train
 
 pytestmark = pytest.mark.slow
 
 STEPS = ["train.steps=6", "train.ckpt_every=3", "optim.warmup_steps=0"]  # lr 1e-3 from the start: weights move
 DS = ["parallel.backend=deepspeed", "data.micro_batch_size=3"]  # global 12 = 2 ranks x 2 micro-batches x 3
 STAGES = [1, 2, 3]
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.runs import digits_npz, losses, train
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
+from tests.helpers.runs import losses, train
 
 
 def test_same_seed_same_losses_and_weights(tmp_path, npz):
