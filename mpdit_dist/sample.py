@@ -68,7 +68,11 @@ _VAE_CACHE: dict[str, Any] = {}
 
 def decode_to_uint8(latents: torch.Tensor, manifest: dict[str, Any], device: torch.device,
                     normalized: bool = True) -> np.ndarray:
-    """Model-space latents -> uint8 images (N, H, W, C) through the manifest's encoder."""
+    """Model-space latents -> uint8 images (N, H, W, C) through the manifest's encoder.
+
+    ``normalized`` must be the training run's ``data.normalize`` (how the model-space latents were
+    made from the stored ones). :func:`denormalize` returns the encoder's own latents, which is
+    what ``vae.decode`` takes: no scaling factor is applied here."""
     from .data import denormalize
 
     z = denormalize(latents.float(), manifest, normalized)
@@ -83,9 +87,8 @@ def decode_to_uint8(latents: torch.Tensor, manifest: dict[str, Any], device: tor
         if path not in _VAE_CACHE:
             _VAE_CACHE[path] = AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
         vae = _VAE_CACHE[path]
-        scale = float(enc.get("scaling_factor", 0.18215))
         with torch.no_grad():
-            imgs = vae.decode(z.to(device) / scale).sample
+            imgs = vae.decode(z.to(device, vae.dtype)).sample.float()
     imgs = ((imgs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return imgs.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -123,7 +126,8 @@ def load_for_sampling(run_dir: Optional[str] = None, checkpoint: Optional[str] =
     if checkpoint and Path(checkpoint).suffix == ".safetensors":
         model, meta = load_exported(checkpoint)
         manifest = meta.get("manifest") or {}
-        return model.to(device), manifest, {"source": checkpoint}
+        return model.to(device), manifest, {"source": checkpoint, "step": meta.get("step"),
+                                            "config": meta.get("config") or {}}
     model, manifest, info = load_checkpoint_weights(run_dir=run_dir, checkpoint=checkpoint, use_ema=use_ema)
     return model.to(device), manifest, info
 
@@ -187,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device)
     margs = model.args
     run_cfg = info.get("config", {}).get("train", {})
+    # how the run mapped stored latents into model space (config.DataConfig.normalize)
+    normalized = bool(info.get("config", {}).get("data", {}).get("normalize", True))
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else float(run_cfg.get("sample_cfg_scale", 1.0))
     steps = args.steps if args.steps is not None else int(run_cfg.get("sample_steps", 50))
     if args.classes:
@@ -228,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         chunk = labels[start:start + args.batch_size]
         lat = generate(model, margs, chunk, seed=args.seed, cfg_scale=cfg_scale, sampler=args.sampler, steps=steps,
                        device=device, bf16=bf16, guidance_interval=interval, offset=start)
-        _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device),
+        _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device, normalized),
                       labels=np.asarray(chunk, dtype=np.int64))
         if bar is not None:
             bar.update(1)

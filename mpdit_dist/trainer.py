@@ -379,7 +379,7 @@ class Trainer:
                                sampler=self.cfg.train.sample_sampler, steps=self.cfg.train.sample_steps,
                                device=self.device, bf16=self.autocast_bf16)
                 if self.dist.is_main:
-                    imgs = decode_to_uint8(lat, self.manifest, self.device)
+                    imgs = decode_to_uint8(lat, self.manifest, self.device, self.cfg.data.normalize)
                     path = self.run_dir / "samples" / f"step_{self.step:08d}_cfg{scale:g}.png"
                     distinct = len(set(classes))
                     save_grid(imgs, path, ncol=distinct if distinct <= 16 else None)
@@ -408,7 +408,7 @@ class Trainer:
                                sampler=cfg.train.sample_sampler, steps=cfg.train.sample_steps, device=self.device,
                                bf16=self.autocast_bf16, offset=start + i)
                 if mine[i:i + self.micro]:
-                    images.append(decode_to_uint8(lat, self.manifest, self.device))
+                    images.append(decode_to_uint8(lat, self.manifest, self.device, self.cfg.data.normalize))
         local = np.concatenate(images) if images else np.zeros((0,), np.uint8)
         if d.distributed:
             gathered = [None] * d.world_size

@@ -71,6 +71,30 @@ def test_vae_dataset_manifest_failures_and_contents(images, vae, tmp_path):
     assert npy(row["mean.npy"]).dtype == np.float16
 
 
+@pytest.mark.parametrize("normalized", [True, False])
+def test_decode_inverts_the_training_normalisation(vae, normalized):
+    """Model-space latents (the stored VAE latents as the loader normalises them) decode to what the
+    VAE decodes from the stored latents themselves: no second scaling anywhere."""
+    import torch
+
+    from data_prep.encoders import VAEEncoder
+    from mpdit_dist.sample import decode_to_uint8
+
+    enc = VAEEncoder(str(vae), 16, device="cpu")
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    center, _ = enc.encode(images)
+    manifest = {"encoder": enc.describe(), "latent_mean": center.mean(axis=(0, 2, 3)).tolist(),
+                "latent_std": (center.std(axis=(0, 2, 3)) + 0.1).tolist()}
+    stored = torch.from_numpy(center)
+    z = mf.normalize(stored, manifest, normalized)
+    assert not torch.allclose(z, stored)  # the model space differs from the stored latents either way
+    got = decode_to_uint8(z, manifest, torch.device("cpu"), normalized).astype(int)
+    with torch.no_grad():
+        ref = enc.vae.decode(stored).sample
+    ref = ((ref.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(int)
+    assert got.shape == (3, 16, 16, 3) and np.abs(got - ref).max() <= 1
+
+
 def test_image_modes_become_rgb_and_adm_crop():
     for mode in ("L", "P", "CMYK", "RGBA", "LA", "I;16"):
         img = Image.new("RGB", (40, 30), (10, 200, 30)).convert(mode)
