@@ -23,6 +23,9 @@ from .models import MPDiT, ModelArgs
 def _resolve_checkpoint(run_dir: Optional[str], checkpoint: Optional[str]) -> Path:
     if checkpoint:
         path = Path(checkpoint)
+        if path.is_file():
+            raise ValueError(f"{path} is a file, not a checkpoint directory (step_*): give an exported .safetensors, "
+                             f"or convert an official checkpoint with python -m mpdit_dist.models.official")
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         problem = verify(path)
@@ -115,11 +118,15 @@ def load_weights_into(model: MPDiT, source: str) -> None:
         from .models.official import load_official
 
         other = load_official(path)
-    if other.args.stages != model.args.stages or other.args.hidden_size != model.args.hidden_size:
-        raise ValueError(
-            f"train.init_from={source}: architecture {other.args.stages} width {other.args.hidden_size} does not "
-            f"match the configured model {model.args.stages} width {model.args.hidden_size}"
-        )
+    # every field that shapes the weights or how they are read; input_size may differ (the positions
+    # are fixed tables, not weights: a 256 px model can start a 512 px run), attention is a kernel choice
+    fields = ("stages", "hidden_size", "num_heads", "mlp_ratio", "in_channels", "num_classes",
+              "num_condition_tokens", "time_embed", "skip_connection")
+    differ = [f"{f}: {getattr(other.args, f)!r} there, {getattr(model.args, f)!r} configured"
+              for f in fields if getattr(other.args, f) != getattr(model.args, f)]
+    if differ:
+        raise ValueError(f"train.init_from={source}: the weights' architecture differs from the configured model: "
+                         + "; ".join(differ))
     model.load_state_dict(other.state_dict())
 
 

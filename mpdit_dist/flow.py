@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -161,7 +161,7 @@ def sample(
     y: torch.Tensor,
     sampler: str = "euler",
     steps: int = 50,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
     diffusion_form: str = "SBDM",
@@ -175,7 +175,8 @@ def sample(
     - ``dopri5``: adaptive Dormand-Prince (torchdiffeq) with ``atol``/``rtol``.
     - ``euler_maruyama``: the official SDE sampler: from ``sde_t_start`` to ``sde_last_h`` with
       drift v - w(t) s(x, t), score s = -((1 - t) v + x) / t and noise sqrt(2 w |dt|), then one
-      deterministic step to 0. ``generator`` drives its noise.
+      deterministic step to 0. ``generator`` drives its noise: one generator for the batch, or
+      one per sample (CPU generators), so that a sample's noise does not depend on its batch.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -183,6 +184,8 @@ def sample(
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
     x = noise
     n = x.shape[0]
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise ValueError(f"sample: {len(generator)} generators for a batch of {n} samples")
 
     def v(xx: torch.Tensor, tt: float) -> torch.Tensor:
         return velocity(xx, torch.full((n,), tt, device=xx.device, dtype=torch.float32), y).to(xx.dtype)
@@ -218,7 +221,10 @@ def sample(
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         dt = t_next - t_cur
         d, w = drift(x, t_cur)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if isinstance(generator, (list, tuple)):
+            eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device, x.dtype)
+        else:
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x + dt * d + eps * math.sqrt(abs(dt) * 2 * float(w))
     d, _ = drift(x, ts[-1])
     return x + (0.0 - ts[-1]) * d

@@ -9,6 +9,7 @@ and written as ADM's evaluator reads them: ``arr_0`` uint8 N x H x W x C, ``arr_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,13 @@ def initial_noise(n: int, shape: Sequence[int], seed: int, device: torch.device,
     return out.to(device)
 
 
+def _stream_seed(seed: int, index: int, stream: str) -> int:
+    """A 63-bit seed for sample ``index`` of ``seed``'s random stream ``stream`` (no collisions
+    between seeds, indices or streams in practice)."""
+    digest = hashlib.blake2b(f"{seed}:{index}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @torch.no_grad()
 def generate(model, args, classes: Sequence[int], *, seed: int, cfg_scale: float = 1.0, sampler: str = "euler",
              steps: int = 50, device: torch.device, bf16: bool = False, guidance_interval=None,
@@ -56,9 +64,12 @@ def generate(model, args, classes: Sequence[int], *, seed: int, cfg_scale: float
         return model(x, t, yy).float()
 
     v = guided_velocity(fwd, args.num_classes, cfg_scale, guidance_interval)
-    gen = torch.Generator(device=device).manual_seed(seed + offset)
+    # the SDE's noise, like the initial noise, depends only on (seed, sample index): never on how
+    # the samples are batched or split over ranks
+    gens = [torch.Generator().manual_seed(_stream_seed(seed, offset + j, "sde")) for j in range(len(classes))]
     try:
-        return sample(v, noise, y, sampler=sampler, steps=steps, generator=gen)
+        return sample(v, noise, y, sampler=sampler, steps=steps,
+                      generator=gens if sampler == "euler_maruyama" else None)
     finally:
         model.train(was_training)
 
@@ -180,6 +191,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", default=None, help="npz path (default: <run-dir>/samples/samples.npz)")
     ap.add_argument("--grid", default=None, help="png path (default: beside the npz)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="the model's forward: bf16 autocast (auto on a GPU) or fp32 (auto on a CPU, as the official "
+                         "sampler everywhere)")
     args = ap.parse_args(argv)
     if args.num_samples is not None and args.num_per_class is not None:
         ap.error("give --num-samples or --num-per-class, not both")
@@ -189,6 +203,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     dist_info = init_distributed("auto" if args.device == "auto" else args.device)
     device = dist_info.device
     model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device)
+    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
     margs = model.args
     run_cfg = info.get("config", {}).get("train", {})
     # how the run mapped stored latents into model space (config.DataConfig.normalize)
@@ -208,6 +223,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = {"sampler": args.sampler, "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": interval,
                 "seed": args.seed, "num_samples": len(labels), "batch_size": args.batch_size,
                 "balanced": args.balanced, "ema": not args.no_ema, "source": info.get("source"),
+                "precision": "bf16" if bf16 else "fp32",
                 "checkpoint_step": info.get("step")}
     parts_dir = out.with_name(out.name + ".parts")
     if dist_info.is_main:
@@ -228,7 +244,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sample (rank 0 of {dist_info.world_size})")
-    bf16 = device.type == "cuda"
     for p in todo:
         start = p * args.batch_size
         chunk = labels[start:start + args.batch_size]

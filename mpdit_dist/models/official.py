@@ -5,8 +5,10 @@ dict works too. The architecture (one or two upsampling levels, width, patch siz
 classes, class tokens, time embedding) is inferred from tensor shapes; the head count, which
 shapes do not reveal, comes from the matching named config or ``num_heads``.
 
-CLI: ``python -m mpdit_dist.models.official CKPT.pt --out DIR [--num-heads H] [--no-ema]``
-writes ``DIR/model.safetensors`` and ``DIR/model.yaml`` (our format, see ``save_weights``).
+CLI: ``python -m mpdit_dist.models.official CKPT.pt --out FILE.safetensors [--num-heads H] [--no-ema]
+[--vae PATH]`` writes the format of ``mpdit_dist.export``: the weights, the architecture and a data
+manifest with the official latent statistics, so ``mpdit_dist.sample --checkpoint FILE`` and
+``train.init_from=FILE`` take it as they take our own exports.
 """
 from __future__ import annotations
 
@@ -209,29 +211,43 @@ def _check_positions(sd: Mapping[str, torch.Tensor], model: MPDiT) -> None:
             raise OfficialCheckpointError(f"{key}: positions differ from the sin-cos table of stage {stage}")
 
 
-def save_weights(model: MPDiT, out_dir: str | Path, extra: Optional[dict[str, Any]] = None) -> Path:
-    """Our consolidated format: ``model.safetensors`` + ``model.yaml`` (the ModelArgs)."""
-    import yaml
-    from safetensors.torch import save_file
+# The official code trains on raw SD-VAE latents standardised per channel with these ImageNet
+# statistics (hard-coded in its train.py and sample.py), at 256 and 512 px alike.
+OFFICIAL_LATENT_MEAN = [5.81, 3.25, 0.12, -2.15]
+OFFICIAL_LATENT_STD = [4.17, 4.62, 3.71, 3.28]
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(out / "model.safetensors"))
-    meta = {"model": model.args.to_dict(), **(extra or {})}
-    (out / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-    return out / "model.safetensors"
+
+def official_manifest(args: ModelArgs, vae: str = "stabilityai/sd-vae-ft-ema") -> dict[str, Any]:
+    """The data manifest an official model was trained with, for sampling: the VAE (a local
+    directory or a model in the local Hugging Face cache) and the latent statistics."""
+    return {
+        "encoder": {"id": vae, "type": "AutoencoderKL", "scaling_factor": 0.18215},
+        "latent_shape": [args.in_channels, args.input_size, args.input_size],
+        "latent_mean": list(OFFICIAL_LATENT_MEAN),
+        "latent_std": list(OFFICIAL_LATENT_STD),
+        "num_classes": args.num_classes,
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Convert an official MPDiT checkpoint to safetensors + YAML")
+    from ..export import save_exported
+
+    ap = argparse.ArgumentParser(description="Convert an official MPDiT checkpoint into our exported format")
     ap.add_argument("checkpoint")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, help="output .safetensors (a directory gets model.safetensors)")
     ap.add_argument("--num-heads", type=int, default=None)
     ap.add_argument("--no-ema", action="store_true", help="take the raw weights instead of the EMA")
+    ap.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                    help="the VAE to decode samples with: a local directory or a model id in the local HF cache")
     args = ap.parse_args(argv)
     model = load_official(args.checkpoint, num_heads=args.num_heads, use_ema=not args.no_ema)
-    path = save_weights(model, args.out, extra={"source": str(args.checkpoint), "ema": not args.no_ema})
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        out = out / "model.safetensors"
+    # the official latents are standardised with OFFICIAL_LATENT_MEAN/STD: data.normalize=true
+    meta = {"manifest": official_manifest(model.args, args.vae), "source": str(args.checkpoint),
+            "ema": not args.no_ema, "config": {"data": {"normalize": True}}}
+    path = save_exported(model, out, meta)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.checkpoint}: {model.args.stages}, width {model.args.hidden_size}, {n:,} parameters -> {path}")
 

@@ -155,17 +155,36 @@ def test_load_official_bad_state_dict():
         infer_args(sd, num_heads=2)
 
 
-def test_convert_cli_writes_safetensors(tmp_path):
-    from safetensors.torch import load_file
+def test_convert_cli_output_samples_and_warm_starts(tmp_path):
+    """The converted official checkpoint is an export like ours: ``mpdit_dist.sample`` decodes it
+    through the VAE named at conversion, and ``train.init_from`` takes it (same architecture only)."""
+    import numpy as np
 
-    from mpdit_dist.models.official import main
+    from data_prep.fixtures import save_tiny_vae
+    from mpdit_dist.export import load_exported, load_weights_into
+    from mpdit_dist.models.official import OFFICIAL_LATENT_MEAN, main
+    from mpdit_dist.sample import main as sample_main
 
     model = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=8)
     torch.save({"model": _to_official(model), "ema": _to_official(model)}, tmp_path / "ckpt.pt")
-    main([str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "out"), "--num-heads", "2"])
-    sd = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert set(sd) == set(model.state_dict())
-    assert (tmp_path / "out" / "model.yaml").exists()
+    vae = save_tiny_vae(tmp_path / "vae")
+    out = tmp_path / "conv.safetensors"
+    main([str(tmp_path / "ckpt.pt"), "--out", str(out), "--num-heads", "2", "--vae", str(vae)])
+    loaded, meta = load_exported(out)
+    assert loaded.args == model.args and meta["manifest"]["latent_mean"] == OFFICIAL_LATENT_MEAN
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    samples = tmp_path / "s.npz"
+    sample_main(["--checkpoint", str(out), "--num-samples", "3", "--classes", "1,2", "--steps", "2",
+                 "--device", "cpu", "--out", str(samples)])
+    with np.load(samples) as z:
+        assert z["arr_0"].shape == (3, 16, 16, 3) and z["arr_0"].dtype == np.uint8
+    target = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=16)
+    load_weights_into(target, str(out))  # another resolution: positions are tables, not weights
+    assert torch.equal(target.final_layer.linear.weight, model.final_layer.linear.weight)
+    other_heads = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=4, input_size=8)
+    with pytest.raises(ValueError, match="num_heads: 2 there, 4 configured"):
+        load_weights_into(other_heads, str(out))
 
 
 def test_flops_mpdit_half_of_dense():
