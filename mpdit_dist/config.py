@@ -155,7 +155,8 @@ class LaunchConfig:
     folder: Optional[str] = None  # submitit logs; default <run_dir>/submitit
     extra_sbatch: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # shell lines run before the job
-    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags the launcher sets on the run (e.g. a study's point)
+    # MLflow tags the launcher sets on the run (e.g. a study's point)
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,6 +213,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Checks that need more than types; each error names the key and value."""
+    from .distributed.parallelize import DTYPE_NAMES
+    from .flow import SAMPLERS
+
     choices = {
         "data.format": (cfg.data.format, ("mds", "wds", "memory")),
         "flow.time_sampler": (cfg.flow.time_sampler, ("lognormal", "uniform")),
@@ -223,10 +227,40 @@ def validate(cfg: Config) -> None:
         "parallel.activation_checkpointing": (cfg.parallel.activation_checkpointing, ("none", "full", "every_n")),
         "launch.cluster": (cfg.launch.cluster, ("slurm", "local", "debug")),
         "parallel.compile_scope": (cfg.parallel.compile_scope, ("blocks", "model")),
+        "parallel.param_dtype": (cfg.parallel.param_dtype, DTYPE_NAMES),
+        "parallel.reduce_dtype": (cfg.parallel.reduce_dtype, DTYPE_NAMES),
+        "train.sample_sampler": (cfg.train.sample_sampler, SAMPLERS),
     }
+    if cfg.parallel.compile_mode is not None:  # torch.compile's modes (this torch's list)
+        from torch._inductor import list_mode_options
+
+        choices["parallel.compile_mode"] = (cfg.parallel.compile_mode, tuple(list_mode_options()))
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+    # Integers that are divided by, counted with or indexed later: wrong ones would fail far into a
+    # run with a bare ZeroDivisionError / IndexError that names no key.
+    at_least = {
+        "train.log_every": (cfg.train.log_every, 1),
+        "train.sample_steps": (cfg.train.sample_steps, 1),
+        "train.eval_input_size": (cfg.train.eval_input_size, 1),
+        "data.num_workers": (cfg.data.num_workers, 0),
+        "data.prefetch_factor": (cfg.data.prefetch_factor, 1),
+        "parallel.hsdp_replicas": (cfg.parallel.hsdp_replicas, 1),
+        "parallel.ac_every": (cfg.parallel.ac_every, 1),
+        "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
+    }
+    if cfg.data.micro_batch_size is not None:
+        at_least["data.micro_batch_size"] = (cfg.data.micro_batch_size, 1)
+    if cfg.train.eval_every > 0:
+        at_least["train.eval_num_samples"] = (cfg.train.eval_num_samples, 1)
+    for key, (value, low) in at_least.items():
+        if value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={cfg.optim.betas} must be two values in [0, 1)")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
     if cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.data.global_batch_size < 1:

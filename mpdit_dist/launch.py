@@ -4,14 +4,19 @@
 (one task per GPU through ``srun``; ``launch.tasks_per_node`` tasks for CPU jobs), records what was
 launched in the run directory and submits a :class:`TrainingTask`. Every task of the job turns
 submitit's ``JobEnvironment`` into the torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and calls :func:`mpdit_dist.trainer.train` with
-``resume="auto"``, so a requeued job continues from the newest checkpoint of its run directory.
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and calls :func:`mpdit_dist.trainer.train`. The first
+start uses the ``resume`` it was submitted with (``auto``, ``never`` or a checkpoint path); a requeued
+start (SLURM_RESTART_COUNT > 0, or the local executor's own count) uses ``resume="auto"``, so it
+continues from the newest checkpoint of its own run directory (see :func:`resume_for_start`).
 
 Preemption (the facts behind this are measured in docs/slurm_testing.md):
 
-- SLURM sends USR2 ``launch.signal_delay_s`` before the time limit (``#SBATCH --signal=USR2@N``, to
-  every task of the job step), and ``scancel --signal=USR2`` does the same by hand. Each task
-  replaces submitit's handlers by ours: USR2 and SIGTERM set :mod:`mpdit_dist.preemption`'s flag.
+- SLURM sends the warning signal ``launch.signal_delay_s`` before the time limit (``#SBATCH
+  --signal=USR2@N``, to every task of the job step), and ``scancel --signal=USR2`` does the same by
+  hand. The signal is submitit's: USR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` names another one when
+  submitit is imported; submitit writes it into the sbatch script and :func:`warning_signal` reads
+  the same setting, so what SLURM sends is what we handle. Each task replaces submitit's handlers
+  by ours: the warning signal and SIGTERM set :mod:`mpdit_dist.preemption`'s flag.
   submitit's own handler would checkpoint and requeue on rank 0 only, while the other ranks keep
   training until ``scontrol requeue`` has them SIGKILLed, possibly in the middle of writing their
   checkpoint shards.
@@ -42,9 +47,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -55,7 +58,6 @@ log = logging.getLogger("mpdit_dist.launch")
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_DIR = "launch"  # inside the run dir: sbatch scripts, code version, job records, barriers
 LOGS_DIR = "logs"  # inside the run dir: per-rank log symlinks of the newest job
-PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # The exit status that makes submitit's local controller start the tasks again (submitit.local).
 LOCAL_REQUEUE_EXIT = 144
 
@@ -169,14 +171,57 @@ def executor_parameters(cfg: C.Config, run_dir: Path) -> dict[str, Any]:
     return params
 
 
-def requeue_action(status: str, restart_count: int, max_requeues: int, signals: tuple[str, ...] = ("SIGUSR2",)) -> str:
+def warning_signal() -> signal.Signals:
+    """The signal SLURM sends before the time limit: submitit's (``#SBATCH --signal=<it>@N``), i.e.
+    USR2 unless the environment variable SUBMITIT_PREEMPT_SIGNAL named another one when submitit
+    was imported. SIGTERM is refused: it must stay the "stop, SLURM decides" signal."""
+    import submitit
+
+    name = f"SIG{submitit.JobEnvironment.USR_SIG}"
+    try:
+        sig = signal.Signals[name]
+    except KeyError:
+        raise C.ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG!r} names no signal "
+                            f"({name} does not exist); unset it (USR2) or name one such as USR1") from None
+    if sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+        raise C.ConfigError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG!r} cannot be the warning "
+                            "signal (SIGTERM means stop without requeue; KILL/STOP/CONT cannot be handled); "
+                            "unset it (USR2) or name one such as USR1")
+    return sig
+
+
+def preempt_signals() -> tuple[signal.Signals, signal.Signals]:
+    """The signals each task turns into a stop request: the warning signal, then SIGTERM."""
+    return warning_signal(), signal.SIGTERM
+
+
+def resume_for_start(submitted: str, restart: int, run_dir: Path) -> str:
+    """The ``resume`` of this start of the job (pure but for a look into ``<run_dir>/checkpoints``).
+
+    The first start (``restart == 0``) uses what was submitted (``auto``, ``never`` or a path). A
+    requeued start resumes from its own run directory (``"auto"``), whatever was submitted: the
+    earlier start saved there before it left. Only when no complete checkpoint is there yet (a
+    requeue during start-up, before anything was trained) does it start the way the first start
+    did, so that a submitted checkpoint path is not dropped for a start from scratch.
+    """
+    if restart == 0 or submitted == "auto":
+        return submitted
+    from .checkpoint import COMPLETE, list_checkpoints
+
+    saved = any((path / COMPLETE).is_file() for _, path in list_checkpoints(Path(run_dir) / "checkpoints"))
+    return "auto" if saved else submitted
+
+
+def requeue_action(status: str, restart_count: int, max_requeues: int, signals: tuple[str, ...] = ("SIGUSR2",),
+                   warning: str = "SIGUSR2") -> str:
     """What a task does after ``train`` returned (pure).
 
     - ``"done"``: the run finished: return the result, never requeue;
     - ``"stop"``: stopped (checkpoint saved) by SIGTERM or by code, without the warning signal:
       SLURM (``scancel``, its own preemption with requeue) decides what happens next, not us; leave
       without a result, so that the submitter does not take the job as finished;
-    - ``"requeue"``: the warning signal (USR2) stopped it and fewer than ``max_requeues`` requeues
+    - ``"requeue"``: the warning signal (``warning``, SIGUSR2 by default; the names of
+      ``signals`` are those seen) stopped it and fewer than ``max_requeues`` requeues
       happened so far (``restart_count``, SLURM_RESTART_COUNT);
     - ``"limit"``: the warning signal stopped it, but the job was requeued ``max_requeues`` times
       already: fail with :class:`RequeueLimitError`.
@@ -185,7 +230,7 @@ def requeue_action(status: str, restart_count: int, max_requeues: int, signals: 
         return "done"
     if status != "preempted":
         raise ValueError(f"unknown training status {status!r}")
-    if "SIGUSR2" not in signals:
+    if warning not in signals:
         return "stop"
     return "requeue" if restart_count < max_requeues else "limit"
 
@@ -322,9 +367,11 @@ class TrainingTask:
         self.barrier_timeout_s = barrier_timeout_s
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        """submitit's own USR2 handler calls this, on rank 0, only when the signal comes before
-        ``__call__`` has installed ours (during start-up): nothing is trained yet, so requeue the
-        same submission, which resumes from the run directory like any requeue."""
+        """submitit's own handler of the warning signal calls this, on rank 0, only when the signal
+        comes before ``__call__`` has installed ours (during start-up). The requeued job runs this
+        same task with SLURM_RESTART_COUNT > 0, so it resumes like any requeue: ``"auto"`` from the
+        run directory (:func:`resume_for_start`; the submitted ``resume`` only while nothing was
+        saved there)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
@@ -345,17 +392,19 @@ class TrainingTask:
             logging.basicConfig(level=logging.INFO,
                                 format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
         restart = restart_count(cluster, run_dir, job_id)
+        resume = resume_for_start(self.resume, restart, run_dir)
+        signals_handled = preempt_signals()
         threads = int(os.environ.get("SLURM_CPUS_PER_TASK", cfg.launch.cpus_per_task))
         values = distributed_environ(env, cluster)
         values["OMP_NUM_THREADS"] = str(threads)
-        log.info("job %s task %d/%d (restart %d) on %s: %s threads, MASTER=%s:%s", job_id, rank, world, restart,
-                 socket.gethostname(), threads, values["MASTER_ADDR"], values["MASTER_PORT"])
+        log.info("job %s task %d/%d (restart %d, resume %s) on %s: %s threads, MASTER=%s:%s", job_id, rank, world,
+                 restart, resume, socket.gethostname(), threads, values["MASTER_ADDR"], values["MASTER_PORT"])
 
         # Our handlers replace the ones submitit installed before calling us (see the module doc).
-        previous = {sig: signal.getsignal(sig) for sig in PREEMPT_SIGNALS}
+        previous = {sig: signal.getsignal(sig) for sig in signals_handled}
         preemption.clear()
         _SIGNALS_SEEN.clear()
-        for sig in PREEMPT_SIGNALS:
+        for sig in signals_handled:
             signal.signal(sig, _stop_handler)
         old_threads = None
         try:
@@ -366,7 +415,7 @@ class TrainingTask:
             from .trainer import train
 
             with _patched_environ(values):
-                result = train(cfg, run_dir, self.resume)
+                result = train(cfg, run_dir, resume)
         finally:
             if cluster == "debug":  # we ran inside the submitter: give it its state back
                 for sig, handler in previous.items():
@@ -375,7 +424,8 @@ class TrainingTask:
                     torch.set_num_threads(old_threads)
         result = dict(result, rank=rank, restart=restart, job_id=job_id)
         signals = tuple(_SIGNALS_SEEN)
-        action = requeue_action(result["status"], restart, cfg.launch.max_requeues, signals)
+        action = requeue_action(result["status"], restart, cfg.launch.max_requeues, signals,
+                                warning=signals_handled[0].name)
         if rank == 0 and cfg.launch.tags:
             set_mlflow_tags(cfg, run_dir, cfg.launch.tags)
         if result["status"] == "preempted":
@@ -468,6 +518,10 @@ def submit(cfg: C.Config, run_dir: str | Path, resume: str = "auto",
            echo: Optional[Callable[[str], None]] = print):
     """Submit the training run of ``cfg`` into ``run_dir``; returns the submitit job.
 
+    ``resume`` applies to the job's first start; its requeued starts resume from ``run_dir``
+    (:func:`resume_for_start`). On ``launch.cluster=debug`` nothing runs until :func:`wait` (or
+    ``job.result()``) is called: the training then runs in the calling process.
+
     Writes into the run dir: ``config.yaml`` (resolved), ``launch/<job>_submission.sh`` (the sbatch
     script submitit generated), ``launch/code_version.json`` + ``launch/code.diff``,
     ``launch/jobs.jsonl`` (one record per submission), and ``logs/rank<R>.{out,err}`` symlinks to
@@ -479,6 +533,7 @@ def submit(cfg: C.Config, run_dir: str | Path, resume: str = "auto",
     _absolutise(cfg)
     C.validate(cfg)
     params = executor_parameters(cfg, run_dir)  # config errors before anything is written
+    warning_signal()  # and a SUBMITIT_PREEMPT_SIGNAL the tasks could not handle
     ntasks = params["nodes"] * params["tasks_per_node"]
     executor = make_executor(cfg, run_dir)  # fails here, before any file is written, without srun
     launch_dir = run_dir / LAUNCH_DIR
@@ -630,5 +685,6 @@ def _last_line_of(text: str) -> str:
 
 
 __all__ = ["JobFailedError", "RequeueLimitError", "TrainingTask", "executor_parameters", "file_barrier",
-           "job_state", "log_tail", "make_executor", "master_port", "requeue_action", "submit", "tasks_per_node",
-           "wait", "world_size", "write_code_version"]
+           "job_state", "log_tail", "make_executor", "master_port", "preempt_signals", "requeue_action",
+           "resume_for_start", "submit", "tasks_per_node", "wait", "warning_signal", "world_size",
+           "write_code_version"]

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -460,7 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--name", default=None, help="study name (default: <config stem>-<weak|strong>)")
     ap.add_argument("--study-dir", default=None, help="default: <results_dir>/scaling/<name>")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per GPU for MFU (CPU runs)")
-    ap.add_argument("--wait", action="store_true", help="wait for the submitted points (then --report)")
+    ap.add_argument("--wait", action="store_true",
+                    help="wait for the submitted points (then --report); always on with launch.cluster=debug")
     ap.add_argument("--timeout", type=float, default=None, help="with --wait: seconds per point at most")
     ap.add_argument("--report", action="store_true", help="gather finished points into CSV, markdown and PNG")
     ap.add_argument("--no-submit", action="store_true", help="with --report: only report, submit nothing")
@@ -497,7 +497,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = 0
     if not args.no_submit:
         jobs = submit_study(study)
-        if args.wait:
+        # submitit's debug job trains only when waited for: with launch.cluster=debug, always wait.
+        if args.wait or base.launch.cluster == "debug":
             from mpdit_dist import launch
 
             for p, job in jobs:

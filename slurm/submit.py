@@ -8,7 +8,9 @@ The ``launch`` section of the config says where and how (``launch.cluster`` slur
 nodes, gpus_per_node, tasks_per_node for CPU jobs, cpus_per_task, mem_gb per task, partition,
 account, qos, time_min, constraint, extra_sbatch, signal_delay_s, max_requeues). Prints the job
 id, where the logs are and the MLflow run; with ``--wait`` it also waits for the job (exit status
-1 and the log tail when it fails). See docs/slurm.md.
+1 and the log tail when it fails). ``launch.cluster=debug`` always runs the training in this
+process before returning, ``--wait`` or not (submitit's debug job runs only when waited for).
+See docs/slurm.md.
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Submit an MPDiT training run through submitit (SLURM, local, debug).",
                                  epilog="Overrides: key.sub=value, e.g. launch.nodes=4 launch.partition=gpu")
     C.add_run_arguments(ap)
-    ap.add_argument("--wait", action="store_true", help="wait for the job; exit 1 with its log tail if it fails")
-    ap.add_argument("--timeout", type=float, default=None, help="with --wait: give up waiting after this many s")
+    ap.add_argument("--wait", action="store_true",
+                    help="wait for the job; exit 1 with its log tail if it fails (always on with "
+                         "launch.cluster=debug, which trains in this process)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="with --wait: give up waiting after this many s (not for launch.cluster=debug)")
     args = ap.parse_args(argv)
     try:
         cfg = C.load_config(args.config, args.overrides)
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.flush()
-    if not args.wait:
+    # submitit's debug job trains only when its result is asked for: not waiting would train nothing.
+    if not args.wait and cfg.launch.cluster != "debug":
         return 0
     try:
         results = launch.wait(job, timeout_s=args.timeout)

@@ -1,19 +1,26 @@
 """Process-group set-up from torchrun's or SLURM's environment.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under SLURM (srun, or
-submitit, one task per GPU) we derive them from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and
-the first host of the job's node list. NCCL on GPUs, gloo on CPU. The device is chosen from the
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; submitit's launcher
+(:mod:`mpdit_dist.launch`) sets them too. For tasks of a plain ``srun`` step we derive them from
+SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID / SLURM_STEP_TASKS_PER_NODE and the first host
+of the step's node list; a process that is not an ``srun`` task (an sbatch script running
+``python train.py`` itself) trains alone. NCCL on GPUs, gloo on CPU. The device is chosen from the
 *local* rank (``cuda:{local_rank}``), never from the global rank.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import re
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("mpdit_dist.distributed")
 
 
 @dataclass
@@ -38,34 +45,92 @@ class DistInfo:
         return max(1, self.world_size // max(1, self.local_world_size))
 
 
-def _first_slurm_host() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
-    if not nodelist:
-        return "127.0.0.1"
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, as ``scontrol show hostnames`` would list it first:
+    ``gpu[03-04]`` -> ``gpu03``, ``node[1,3],gpu7`` -> ``node1``, ``a-b[001-003,7]`` -> ``a-b001``,
+    ``r[1-2]n[5-6]`` -> ``r1n5`` (zero padding kept). Written here because it is the fallback for
+    when ``scontrol`` cannot be run or has no configuration; raises ValueError naming the list."""
+    entry, depth = "", 0
+    for ch in nodelist.strip():  # the first top-level comma ends the first entry
+        if ch == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced brackets")
+        entry += ch
+    if depth != 0 or not entry:
+        raise ValueError(f"SLURM node list {nodelist!r}: " + ("unbalanced brackets" if entry else "empty"))
+    host = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0].strip(), entry)
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"SLURM node list {nodelist!r}: cannot read its first host")
+    return host
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's task count from SLURM's compressed list (``8(x2)``, ``4,2``, ``8(x2),4``);
+    raises ValueError naming the list when it cannot be read or has no entry ``node_id``."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"SLURM tasks per node {tasks_per_node!r}: cannot read {part!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    if not 0 <= node_id < len(counts):
+        raise ValueError(f"SLURM tasks per node {tasks_per_node!r} has no entry for node {node_id}")
+    return counts[node_id]
+
+
+def _slurm_hostnames_first(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.split()[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return nodelist.split(",")[0].split("[")[0]
+    return first_host(nodelist)
+
+
+def slurm_step_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun-style variables for a task of an ``srun`` step, from SLURM's (``{}`` when there is
+    nothing to derive: torchrun's are set already, or this is no ``srun`` task).
+
+    Only a task of a job *step* (SLURM_STEP_ID set, by ``srun``) is one of several processes: the
+    batch script of an ``sbatch`` job also has SLURM_PROCID=0 and SLURM_NTASKS=<tasks requested>,
+    but it is a single process, and taking SLURM_NTASKS for the world size there would wait forever
+    for peers that nobody starts. The step's own counts win over the job's (an ``srun -n 2`` inside
+    a larger allocation).
+    """
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    if "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ:
+        return {}
+    values = {"RANK": environ["SLURM_PROCID"],
+              "WORLD_SIZE": environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1",
+              "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    spec = (environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+            or environ.get("SLURM_NTASKS_PER_NODE"))
+    if spec:
+        values["LOCAL_WORLD_SIZE"] = str(tasks_on_node(spec, int(environ.get("SLURM_NODEID", "0") or 0)))
+    if "MASTER_ADDR" not in environ:
+        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                    or environ.get("SLURM_NODELIST", ""))
+        values["MASTER_ADDR"] = _slurm_hostnames_first(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        # a port derived from the job id, so concurrent jobs on one node do not collide
+        job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        values["MASTER_PORT"] = str(20000 + job % 20000)
+    return values
 
 
 def env_from_slurm() -> None:
-    """Fill torchrun-style variables from SLURM's, when running as srun tasks without torchrun."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = str(ntasks)
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    if per_node.isdigit():
-        os.environ["LOCAL_WORLD_SIZE"] = per_node
-    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
-    # a port derived from the job id, so concurrent jobs on one node do not collide
-    job = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
-    os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
+    """Fill torchrun-style variables from SLURM's, when running as srun tasks without torchrun
+    (see :func:`slurm_step_environ`)."""
+    values = slurm_step_environ(os.environ)
+    os.environ.update(values)
+    if not values and "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        log.warning("SLURM job %s has %s tasks, but this process was not started by srun (no SLURM_STEP_ID): "
+                    "it trains alone; start it with srun to use every task", os.environ.get("SLURM_JOB_ID"),
+                    os.environ.get("SLURM_NTASKS"))
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800, need_group: bool = False) -> DistInfo:

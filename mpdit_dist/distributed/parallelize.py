@@ -15,6 +15,7 @@ from ..models import MPDiT
 from .env import DistInfo
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = tuple(_DTYPES)  # what parallel.param_dtype and parallel.reduce_dtype accept (config.validate)
 
 
 def _replace_blocks(model: MPDiT, fn) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,6 +103,12 @@ def test_requeue_action(status, restarts, limit, signals, action):
     assert launch.requeue_action(status, restarts, limit, signals) == action
 
 
+def test_requeue_action_follows_the_warning_signal():
+    """With SUBMITIT_PREEMPT_SIGNAL=USR1 the warning signal is USR1: it requeues, USR2 does not."""
+    assert launch.requeue_action("preempted", 0, 3, ("SIGUSR1",), warning="SIGUSR1") == "requeue"
+    assert launch.requeue_action("preempted", 0, 3, ("SIGUSR2",), warning="SIGUSR1") == "stop"
+
+
 def test_requeue_action_rejects_unknown_status():
     with pytest.raises(ValueError, match="crashed"):
         launch.requeue_action("crashed", 0, 3)
@@ -123,6 +130,126 @@ def test_restart_count_from_slurm_or_local_record(tmp_path, monkeypatch):
     (tmp_path / "launch").mkdir()
     (tmp_path / "launch" / "requeues_7").write_text("11\n23\n")
     assert launch.restart_count("local", tmp_path, "7") == 2
+
+
+def _checkpoint_dir(run_dir: Path, step: int, complete: bool = True) -> Path:
+    from mpdit_dist.checkpoint import COMPLETE, step_dir_name
+
+    d = run_dir / "checkpoints" / step_dir_name(step)
+    d.mkdir(parents=True)
+    if complete:
+        (d / COMPLETE).write_text("{}")
+    return d
+
+
+@pytest.mark.parametrize("submitted", ["never", "/other/run/checkpoints/step_00001000", "auto"])
+def test_resume_for_start_first_start_uses_what_was_submitted(tmp_path, submitted):
+    _checkpoint_dir(tmp_path, 5)
+    assert launch.resume_for_start(submitted, 0, tmp_path) == submitted
+
+
+@pytest.mark.parametrize("submitted", ["never", "/other/run/checkpoints/step_00001000", "auto"])
+def test_resume_for_start_requeue_resumes_from_its_run_dir(tmp_path, submitted):
+    _checkpoint_dir(tmp_path, 5)
+    assert launch.resume_for_start(submitted, 1, tmp_path) == "auto"
+    assert launch.resume_for_start(submitted, 4, tmp_path) == "auto"
+
+
+def test_resume_for_start_requeue_before_any_save_starts_like_the_first(tmp_path):
+    """A requeue during start-up (submitit's handler, nothing saved yet) keeps a submitted path;
+    a half-written checkpoint does not count as saved."""
+    path = "/other/run/checkpoints/step_00001000"
+    assert launch.resume_for_start(path, 1, tmp_path) == path
+    _checkpoint_dir(tmp_path, 5, complete=False)
+    assert launch.resume_for_start(path, 1, tmp_path) == path
+    assert launch.resume_for_start("never", 1, tmp_path) == "never"
+
+
+def _slurm_task_env(monkeypatch, restarts: int) -> None:
+    """The environment of task 0 of a one-task SLURM job (as srun gives it to submitit's task)."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for k, v in dict(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1", SLURM_PROCID="0",
+                     SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_NODELIST="node1", SLURM_CPUS_PER_TASK="1",
+                     SLURM_RESTART_COUNT=str(restarts)).items():
+        monkeypatch.setenv(k, v)
+
+
+def test_requeued_task_resumes_from_its_run_dir_whatever_was_submitted(tmp_path, monkeypatch):
+    """A job submitted with ``--resume never`` is requeued (SLURM_RESTART_COUNT=1) after saving step
+    3: the requeued start, the same task as submitit's start-up requeue (``checkpoint()``) hands
+    back, continues from step 3 instead of training from step 0 again."""
+    import torch
+
+    from mpdit_dist.tracking import METRICS_FILE
+
+    npz = digits_npz(tmp_path / "d.npz", n=96)
+    run = tmp_path / "run"
+    base = [f"data.path={npz}", *TINY, f"results_dir={tmp_path}", "launch.gpus_per_node=0",
+            "launch.tasks_per_node=1", "launch.cpus_per_task=1"]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    try:
+        _slurm_task_env(monkeypatch, restarts=0)
+        first = launch.TrainingTask(C.to_dict(C.load_config(DEMO, [*base, "train.steps=3"])), str(run), "never")
+        assert first()["step"] == 3
+        _slurm_task_env(monkeypatch, restarts=1)
+        task = launch.TrainingTask(C.to_dict(C.load_config(DEMO, [*base, "train.steps=5"])), str(run), "never")
+        result = task.checkpoint().function()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+    assert (result["status"], result["step"], result["restart"]) == ("finished", 5, 1)
+    steps = [json.loads(line)["step"] for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # not 1, 2, 3, 1, 2, 3, 4, 5: the requeue did not start again
+
+
+_SIGNAL_PROBE = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+from mpdit_dist import config as C, launch
+from tests.helpers.runs import TINY
+from tests.unit.test_launch import render_sbatch
+
+npz, run = sys.argv[1], Path(sys.argv[2])
+sbatch = [ln for ln in render_sbatch(launch.executor_parameters(C.load_config(None, []), run), run).splitlines()
+          if "--signal" in ln]
+cfg = C.load_config("configs/demo.yaml", [f"data.path={npz}", *TINY, "train.steps=500", f"results_dir={run.parent}",
+                                          "launch.cluster=debug", "launch.gpus_per_node=0", "launch.tasks_per_node=1",
+                                          "launch.cpus_per_task=1"])
+
+def warn_when_training():
+    while not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends with --signal=USR1@N
+
+threading.Thread(target=warn_when_training, daemon=True).start()
+[result] = launch.wait(launch.submit(cfg, run, echo=None))
+print(json.dumps({"sbatch": sbatch, "status": result["status"], "step": result["step"]}))
+"""
+
+
+def test_warning_signal_is_submitits_in_sbatch_and_in_the_handlers(tmp_path):
+    """SUBMITIT_PREEMPT_SIGNAL=USR1 changes submitit's ``#SBATCH --signal`` line; the tasks then
+    handle USR1, so the warning stops training at a step boundary (it used to kill the process:
+    USR1's default action, as the tasks handled USR2 only)."""
+    npz = digits_npz(tmp_path / "d.npz", n=96)
+    env = dict(os.environ, SUBMITIT_PREEMPT_SIGNAL="USR1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_PROBE, str(npz), str(tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["sbatch"] == ["#SBATCH --signal=USR1@120"]
+    assert out["status"] == "preempted" and out["step"] < 500
+
+
+@pytest.mark.parametrize("value, words", [("TERM", "cannot be the warning signal"), ("NOPE", "names no signal")])
+def test_unusable_preempt_signal_is_refused_naming_the_variable(tmp_path, value, words):
+    code = ("from mpdit_dist import launch\n"
+            "try:\n    launch.warning_signal()\nexcept launch.C.ConfigError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, SUBMITIT_PREEMPT_SIGNAL=value))
+    assert f"SUBMITIT_PREEMPT_SIGNAL='{value}'" in proc.stdout and words in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_early_signal_requeues_the_same_submission():
@@ -230,6 +357,20 @@ def test_debug_executor_trains_in_process_and_restores_state(tmp_path):
     assert (run / "checkpoints" / "step_00000003").is_dir()
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the submitter's env is its own again
     assert signal.getsignal(signal.SIGUSR2) is handler
+
+
+def test_submit_cli_debug_trains_without_wait(tmp_path):
+    """``slurm/submit.py`` with ``launch.cluster=debug`` trains in its own process and reports the
+    end, ``--wait`` or not (submitit's debug job runs only when waited for)."""
+    npz = digits_npz(tmp_path / "d.npz", n=96)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "slurm" / "submit.py"), "--config", str(DEMO), "--run-dir", str(tmp_path / "run"),
+         f"data.path={npz}", *TINY, "train.steps=2", f"results_dir={tmp_path}", "launch.cluster=debug",
+         "launch.gpus_per_node=0", "launch.tasks_per_node=1", "launch.cpus_per_task=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished at step 2" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
 
 
 def test_local_executor_failure_is_reported_with_log_tail(tmp_path):

@@ -1,0 +1,136 @@
+"""Config checks that name the key and value, and the torchrun-style environment of a plain ``srun``
+step (node lists, tasks per node, the sbatch script that is no task)."""
+from __future__ import annotations
+
+import pytest
+
+from mpdit_dist import config as C
+from mpdit_dist.distributed import parallelize
+from mpdit_dist.distributed.env import first_host, slurm_step_environ, tasks_on_node
+
+# ----- config -----
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.log_every=0", "train.log_every=0 must be >= 1"),
+    ("train.log_every=-5", "train.log_every=-5 must be >= 1"),
+    ("parallel.param_dtype=fp17", "parallel.param_dtype='fp17': choose one of ['bf16', 'fp16', 'fp32']"),
+    ("parallel.reduce_dtype=float32", "parallel.reduce_dtype='float32': choose one of"),
+    ("train.sample_sampler=rk4", "train.sample_sampler='rk4': choose one of"),
+    ("train.sample_steps=0", "train.sample_steps=0 must be >= 1"),
+    ("parallel.ac_every=0", "parallel.ac_every=0 must be >= 1"),
+    ("parallel.hsdp_replicas=0", "parallel.hsdp_replicas=0 must be >= 1"),
+    ("parallel.compile_mode=fastest", "parallel.compile_mode='fastest': choose one of"),
+    ("data.micro_batch_size=0", "data.micro_batch_size=0 must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+    ("data.prefetch_factor=0", "data.prefetch_factor=0 must be >= 1"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps=-1 must be >= 0"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must be two values in [0, 1)"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] must be two values"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2.0 must be in [0, 1]"),
+])
+def test_bad_values_are_refused_naming_key_and_value(override, words):
+    with pytest.raises(C.ConfigError) as info:
+        C.load_config(None, [override])
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["train.log_every=1", "parallel.param_dtype=fp16", "parallel.reduce_dtype=bf16",
+                                      "parallel.compile_mode=max-autotune", "train.sample_sampler=heun",
+                                      "data.num_workers=0", "data.micro_batch_size=4"])
+def test_good_values_pass(override):
+    C.load_config(None, [override])
+
+
+def test_dtype_names_are_those_fsdp2_maps():
+    """The names config accepts are the keys parallelize turns into torch dtypes."""
+    assert set(parallelize.DTYPE_NAMES) == set(parallelize._DTYPES) == {"bf16", "fp16", "fp32"}
+    for name in parallelize.DTYPE_NAMES:
+        C.load_config(None, [f"parallel.param_dtype={name}", f"parallel.reduce_dtype={name}"])
+
+
+# ----- the environment of a plain srun step -----
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("gpu[03-04]", "gpu03"),
+    ("node[1,3],gpu7", "node1"),
+    ("a-b[001-003,7]", "a-b001"),
+    ("gpu7,node[1,3]", "gpu7"),
+    ("node1", "node1"),
+    ("rack[2-3]-n[08-09]", "rack2-n08"),
+    ("gpu[12,03-04]", "gpu12"),
+])
+def test_first_host_of_a_node_list(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "gpu[03-04", "gpu]03[", "a[[1]]"])
+def test_first_host_refuses_what_it_cannot_read(nodelist):
+    with pytest.raises(ValueError, match="SLURM node list"):
+        first_host(nodelist)
+
+
+@pytest.mark.parametrize("spec, node, count", [
+    ("8", 0, 8), ("8(x2)", 0, 8), ("8(x2)", 1, 8), ("4,2", 0, 4), ("4,2", 1, 2), ("8(x2),4", 2, 4),
+    ("2(x3),1(x2)", 4, 1),
+])
+def test_tasks_on_node(spec, node, count):
+    assert tasks_on_node(spec, node) == count
+
+
+@pytest.mark.parametrize("spec, node", [("8(x2)", 2), ("eight", 0), ("4,,2", 1)])
+def test_tasks_on_node_refuses_what_it_cannot_read(spec, node):
+    with pytest.raises(ValueError, match="SLURM tasks per node"):
+        tasks_on_node(spec, node)
+
+
+def _srun_task(**extra: str) -> dict[str, str]:
+    """What ``srun`` gives task 9 of 16 (2 nodes x 8) of job 77; MASTER_ADDR given so that no
+    ``scontrol`` is asked."""
+    env = dict(SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_PROCID="9", SLURM_LOCALID="1", SLURM_NODEID="1",
+               SLURM_NTASKS="16", SLURM_STEP_NUM_TASKS="16", SLURM_STEP_TASKS_PER_NODE="8(x2)",
+               SLURM_TASKS_PER_NODE="8(x2)", SLURM_JOB_NODELIST="gpu[03-04]", MASTER_ADDR="gpu03")
+    env.update(extra)
+    return env
+
+
+def test_srun_task_environment():
+    assert slurm_step_environ(_srun_task()) == dict(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8",
+                                                    MASTER_PORT="20077")
+
+
+def test_local_world_size_from_slurm_tasks_per_node():
+    """Without --ntasks-per-node SLURM sets only the compressed list, e.g. "4,2" for 6 tasks."""
+    env = _srun_task(SLURM_PROCID="5", SLURM_NODEID="1", SLURM_NTASKS="6", SLURM_STEP_NUM_TASKS="6")
+    del env["SLURM_STEP_TASKS_PER_NODE"]
+    env["SLURM_TASKS_PER_NODE"] = "4,2"
+    values = slurm_step_environ(env)
+    assert (values["WORLD_SIZE"], values["LOCAL_WORLD_SIZE"]) == ("6", "2")
+
+
+def test_step_counts_win_over_the_job_counts():
+    """``srun -n 2`` inside an allocation of 16 tasks: a world of 2."""
+    env = _srun_task(SLURM_PROCID="1", SLURM_NODEID="0", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2")
+    values = slurm_step_environ(env)
+    assert (values["RANK"], values["WORLD_SIZE"], values["LOCAL_WORLD_SIZE"]) == ("1", "2", "2")
+
+
+def test_master_addr_from_the_node_list():
+    env = _srun_task(SLURM_STEP_NODELIST="node[1,3],gpu7")
+    del env["MASTER_ADDR"]
+    # scontrol, where it runs, says the same as the parser (here it has no configuration)
+    assert slurm_step_environ(env)["MASTER_ADDR"] == "node1"
+
+
+def test_sbatch_script_itself_is_no_srun_task():
+    """``python train.py`` run by the batch script of ``sbatch --ntasks-per-node=8``: SLURM_PROCID=0
+    and SLURM_NTASKS=8 are set, but no SLURM_STEP_ID: a single process, not rank 0 of 8."""
+    batch = dict(SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="8",
+                 SLURM_TASKS_PER_NODE="8", SLURM_JOB_NODELIST="gpu03", SLURM_LOCALID="0", SLURM_NODEID="0")
+    assert slurm_step_environ(batch) == {}
+    assert slurm_step_environ(dict(batch, SLURM_STEPID="0"))["WORLD_SIZE"] == "8"  # the old spelling counts
+
+
+def test_torchrun_variables_win():
+    assert slurm_step_environ(_srun_task(RANK="3")) == {}
+    assert slurm_step_environ({"SLURM_STEP_ID": "0"}) == {}  # no SLURM_PROCID: nothing to derive
