@@ -3,17 +3,26 @@
     python -m data_prep.encode --images DIR --out DIR --resolution R \
         --vae {identity | diffusers id | local path} --formats mds,wds --samples-per-shard N \
         [--flip] [--batch-size B] [--strict] [--store moments|sample] [--workers W] \
-        [--rank R --world-size W] [--finalize]
+        [--rank R --world-size W] [--finalize] [--verify]
 
 How the work is cut (and why the result does not depend on it): the sorted image listing is cut
 into shards of ``--samples-per-shard`` consecutive images; shard ``s`` is written by part
 ``s % world_size``. A shard's bytes depend only on its images, so one process, two torchrun
-ranks or a SLURM array produce identical files. Rank and world come from ``--rank/--world-size``,
-else torchrun's ``RANK``/``WORLD_SIZE``, else a SLURM array's ``SLURM_ARRAY_TASK_ID`` (minus
-``SLURM_ARRAY_TASK_MIN``) / ``SLURM_ARRAY_TASK_COUNT``, else 0/1. No process group is needed.
+ranks or a SLURM array produce identical files. Rank and world come from torchrun's
+``RANK``/``WORLD_SIZE``, else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS`` (``srun -n N``) and an array's
+``SLURM_ARRAY_TASK_ID`` (minus ``SLURM_ARRAY_TASK_MIN``) / ``SLURM_ARRAY_TASK_COUNT``, else from
+``--rank/--world-size``, else 0/1; a flag that contradicts the environment is an error. No process
+group is needed.
 
-Resumable: every file of a shard is written under a temporary name and renamed when complete; the
-shard's record ``parts/part-XXXXXX.json`` is written last and is the commit point. A rerun skips
+Several processes on one shard (a duplicate launch, overlapping jobs): each shard is claimed with an
+exclusive ``flock`` on ``parts/.part-XXXXXX.lock`` before it is encoded; a process that finds the
+claim taken leaves the shard to its holder and counts it as ``shards_busy``. Temp names carry the
+host and pid (``.<name>.<host>-<pid>.tmp``); the claim holder removes any other temp file of its
+shard (left by a killed process).
+
+Resumable: every file of a shard is written under a temporary name, fsynced and renamed when
+complete (directories fsynced too); the shard's record ``parts/part-XXXXXX.json`` is written last
+and is the commit point. A rerun skips
 shards that have a record and redoes any other (a half-written shard is never visible and never
 read). Killing a run at any moment and running the same command again gives the same bytes as an
 uninterrupted run.
@@ -23,12 +32,17 @@ records exist; the one that finds them all (the last to finish) merges the MDS i
 the manifest (identical content whoever does it; written atomically). ``--finalize`` does only
 that step, e.g. as a job that depends on a SLURM array.
 
-Bad images are skipped, listed in the manifest (path and reason) and counted in the summary;
-``--strict`` makes the first one fatal.
+Bad images (unreadable, broken symlinks, and images whose latent is not finite in fp16: reason
+``non-finite latent``) are skipped, listed in the manifest (path and reason) and counted in the
+summary; ``--strict`` makes the first one fatal. Files outside the class folders and hidden files
+are not images of any class: they are listed in the manifest's ``skipped_files`` and counted in
+the summary's ``files_skipped``. ``--verify`` checks a finished dataset's files against the sha256
+checksums in its manifest (the loader itself checks only file sizes, at first open).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -52,21 +66,64 @@ from .images import BadImage, ImageEntry, list_image_folder, listing_sha256, loa
 FORMATS = ("mds", "wds")
 # test hook: SIGKILL this process while writing the (N+1)-th shard, after its temp files exist
 KILL_ENV = "MPDIT_ENCODE_KILL_AFTER_SHARDS"
+NON_FINITE = "non-finite latent"
 
 
 class ConfigMismatch(ValueError):
     """The output directory holds shards written with another configuration."""
 
 
+def _env_world() -> Optional[tuple[int, int, str, str]]:
+    """(rank, world, rank variable, world variable) from the launcher's environment, or None.
+
+    torchrun's ``RANK``/``WORLD_SIZE`` win; else SLURM: ``srun -n N`` tasks (``SLURM_PROCID``/``SLURM_NTASKS``)
+    and array tasks (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN``/``SLURM_ARRAY_TASK_COUNT``); an array of
+    multi-task jobs numbers task t of array task a as ``a * ntasks + t``.
+    """
+    env = os.environ
+
+    def num(name: str) -> int:
+        try:
+            return int(env[name])
+        except ValueError:
+            raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+    if "WORLD_SIZE" in env:
+        return num("RANK") if "RANK" in env else 0, num("WORLD_SIZE"), "RANK", "WORLD_SIZE"
+    tasks = (num("SLURM_PROCID"), num("SLURM_NTASKS")) if "SLURM_NTASKS" in env and "SLURM_PROCID" in env else None
+    array = None
+    if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+        first = num("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        array = (num("SLURM_ARRAY_TASK_ID") - first, num("SLURM_ARRAY_TASK_COUNT"))
+    if array and tasks and tasks[1] > 1:
+        return (array[0] * tasks[1] + tasks[0], array[1] * tasks[1],
+                "SLURM_ARRAY_TASK_ID/SLURM_PROCID", "SLURM_ARRAY_TASK_COUNT*SLURM_NTASKS")
+    if array:
+        return array[0], array[1], "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"
+    if tasks:
+        return tasks[0], tasks[1], "SLURM_PROCID", "SLURM_NTASKS"
+    return None
+
+
 def world_from_env(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
-    """(rank, world) from flags, torchrun env, SLURM array env, or 0/1 (in that order)."""
-    if rank is None and world_size is None:
-        env = os.environ
-        if "WORLD_SIZE" in env:
-            rank, world_size = int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
-        elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            rank, world_size = int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    """(rank, world) from the flags and the launcher's environment (see :func:`_env_world`), else 0/1.
+
+    A flag fills in what the environment does not say and must agree with what it does say: a lone
+    ``--world-size 4`` under torchrun still takes the rank from ``RANK`` (every process rank 0 would
+    write the same shards and never the others), and ``--rank 1`` where ``RANK=2`` is an error.
+    Without a launcher environment, ``--world-size`` above 1 needs ``--rank``.
+    """
+    env = _env_world()
+    if env is not None:
+        env_rank, env_world, rank_var, world_var = env
+        if world_size is not None and int(world_size) != env_world:
+            raise ValueError(f"--world-size {world_size} contradicts {world_var}={env_world} in the environment")
+        if rank is not None and int(rank) != env_rank:
+            raise ValueError(f"--rank {rank} contradicts {rank_var}={env_rank} in the environment")
+        rank, world_size = env_rank, env_world
+    elif world_size is not None and int(world_size) > 1 and rank is None:
+        raise ValueError(f"--world-size {world_size} without --rank (and no RANK, SLURM_PROCID or "
+                         f"SLURM_ARRAY_TASK_ID in the environment): every process would be rank 0")
     rank = 0 if rank is None else int(rank)
     world_size = 1 if world_size is None else int(world_size)
     if world_size < 1 or not 0 <= rank < world_size:
@@ -78,7 +135,8 @@ def world_from_env(rank: Optional[int] = None, world_size: Optional[int] = None)
 
 
 def _to_fp16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.astype(np.float16))
+    with np.errstate(over="ignore"):  # beyond float16's range -> inf, which the callers check for
+        return np.ascontiguousarray(a.astype(np.float16))
 
 
 def _image_batches(root: Path, entries: list[ImageEntry], resolution: int, batch_size: int,
@@ -135,11 +193,28 @@ def _encode_shard(encoder, root: Path, entries: list[ImageEntry], *, resolution:
             center, std = encoder.encode(view)
             if store == "moments":
                 out[prefix + "mean"], out[prefix + "std"] = _to_fp16(center), _to_fp16(std)
-                mf.channel_stats_add(stats, out[prefix + "mean"], out[prefix + "std"])
             else:
                 if std is not None:
                     center = np.stack([_sample_latent(c, s, e.index) for c, s, e in zip(center, std, good)])
                 out[prefix + "latent"] = _to_fp16(center)
+        # an image whose stored latent is not finite (NaN from the VAE, or beyond fp16's range) is a
+        # failure like an unreadable image: written, it would poison the statistics and every batch
+        finite = np.ones(len(good), dtype=bool)
+        for f in fields:
+            finite &= np.isfinite(out[f]).reshape(len(good), -1).all(axis=1)
+        if not finite.all():
+            for j in np.flatnonzero(~finite).tolist():
+                if strict:
+                    raise BadImage(good[j].relpath, NON_FINITE)
+                failures.append({"path": good[j].relpath, "reason": NON_FINITE})
+            good = [e for e, ok in zip(good, finite.tolist()) if ok]
+            out = {f: a[finite] for f, a in out.items()}
+        if not good:
+            continue
+        for prefix in views:
+            if store == "moments":
+                mf.channel_stats_add(stats, out[prefix + "mean"], out[prefix + "std"])
+            else:
                 mf.channel_stats_add(stats, out[prefix + "latent"])
         for j, e in enumerate(good):
             rec = {"key": mf.sample_key(e.index), "label": e.label, "path": e.relpath}
@@ -204,28 +279,93 @@ def _write_mds(tmp_dir: Path, samples: list[dict[str, Any]], fields: list[str], 
     with MDSWriter(out=str(tmp_dir), columns=columns, compression=None, size_limit=None) as w:
         for s in samples:
             w.write({k: s[k] for k in columns})
+    # MDSWriter does not fsync; the shard's record (the commit point) must never outlive its data
+    for p in sorted(tmp_dir.iterdir()):
+        mf.fsync_path(p)
+    mf.fsync_path(tmp_dir)
+
+
+def _shard_temps(out: Path, shard_id: int) -> list[Path]:
+    """Temp files and directories of one shard, left by any process (``.<final name>.<host>-<pid>.tmp``)."""
+    pname = mf.part_name(shard_id)
+    found = []
+    for d, name in ((mf.WDS_DIR, mf.wds_name(shard_id)), (mf.WDS_DIR, mf.wds_index_name(shard_id)),
+                    (mf.MDS_DIR, pname), (mf.PARTS_DIR, f"{pname}.json")):
+        if (out / d).is_dir():
+            found += sorted((out / d).glob(f".{name}.*.tmp"))
+    return found
+
+
+_NO_FLOCK_WARNED: list[str] = []
+
+
+def _claim_shard(out: Path, shard_id: int) -> Optional[int]:
+    """An exclusive claim on one shard (``flock`` of ``parts/.part-XXXXXX.lock``): the open fd, or None
+    if another process holds it. The kernel drops the lock when its holder dies, so a killed run
+    leaves no stale claim. The holder removes the lock file once the shard is committed; a process
+    that locked the removed file sees a different inode at the path and tries again. Where the file
+    system has no flock, every claim succeeds, with one warning.
+    """
+    path = out / mf.PARTS_DIR / f".{mf.part_name(shard_id)}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            # a file system without flock (some NFS and Lustre mounts): the claims cannot be taken, so
+            # shards are not protected from a second process running the same command at once (the
+            # rename of a half-written file then fails loudly). Say so once and go on unprotected.
+            if not _NO_FLOCK_WARNED:
+                _NO_FLOCK_WARNED.append(str(path))
+                print(f"warning: {path}: flock is not supported here ({exc}); shards are not claimed, so do "
+                      f"not run two encodes of the same --out at once (Lustre: mount with -o flock)",
+                      file=sys.stderr)
+            return fd
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release_shard(out: Path, shard_id: int, fd: int) -> None:
+    pname = mf.part_name(shard_id)
+    if (out / mf.PARTS_DIR / f"{pname}.json").is_file():  # committed: later claimants will see the record
+        (out / mf.PARTS_DIR / f".{pname}.lock").unlink(missing_ok=True)
+    os.close(fd)
 
 
 def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Sequence[str], fields: list[str],
                   latent_shape: list[int], first_image: int, num_images: int, kill_now: bool) -> dict[str, Any]:
+    """Write one shard's files under temp names, rename them, then write its record (the commit).
+
+    The caller holds the shard's claim (or is the only writer, as in :func:`write_latents`), so the
+    temp files of this shard found on disk are a dead process's leftovers and are removed first.
+    """
     samples = result["samples"]
     pname = mf.part_name(shard_id)
+    tag = mf.temp_tag()
+    for stale in _shard_temps(out, shard_id):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     checksums: dict[str, str] = {}
     renames: list[tuple[Path, Path]] = []
     if samples:
         if "wds" in formats:
             wdir = out / mf.WDS_DIR
             tar, idx = wdir / mf.wds_name(shard_id), wdir / mf.wds_index_name(shard_id)
-            ttar, tidx = wdir / f".{tar.name}.tmp", wdir / f".{idx.name}.tmp"
+            ttar, tidx = wdir / f".{tar.name}.{tag}.tmp", wdir / f".{idx.name}.{tag}.tmp"
             _write_wds(ttar, tidx, tar.name, samples, fields)
             renames += [(ttar, tar), (tidx, idx)]
             checksums[f"{mf.WDS_DIR}/{tar.name}"] = mf.file_sha256(ttar)
             checksums[f"{mf.WDS_DIR}/{idx.name}"] = mf.file_sha256(tidx)
         if "mds" in formats:
             mdir = out / mf.MDS_DIR
-            final, tmp = mdir / pname, mdir / f".{pname}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            final, tmp = mdir / pname, mdir / f".{pname}.{tag}.tmp"
             _write_mds(tmp, samples, fields, latent_shape)
             renames.append((tmp, final))
             for p in sorted(tmp.iterdir()):
@@ -236,6 +376,8 @@ def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Seq
         if dst.is_dir():
             shutil.rmtree(dst)  # left by a run killed between renames and the record
         os.replace(src, dst)
+    for d in sorted({dst.parent for _, dst in renames}):
+        mf.fsync_path(d)  # the renames are durable before the record that commits them
     record = {
         "shard_id": shard_id, "first_image": first_image, "num_images": num_images,
         "num_samples": len(samples), "failures": result["failures"], "stats": result["stats"],
@@ -256,36 +398,71 @@ def _class_counts(samples: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
+    """Record ``config`` as the output's configuration, or check that it equals the recorded one.
+
+    The file is created exclusively (a complete temp file hard-linked to the final name), so of two
+    runs that start at once with different configurations exactly one gets to write it.
+    """
     path = out / mf.ENCODE_CONFIG
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff if k != "images_sha256")
-            if "images_sha256" in diff:
-                detail += (", " if detail else "") + "the input image listing differs"
-            raise ConfigMismatch(f"--out {out} holds shards of a different configuration ({detail}); "
-                                 f"use another output directory or delete it")
-    else:
-        existing = [p for p in (out / mf.PARTS_DIR, out / mf.MDS_DIR, out / mf.WDS_DIR) if p.exists() and any(p.iterdir())]
+    if not path.is_file():
+        existing = [p for p in (out / mf.PARTS_DIR, out / mf.MDS_DIR, out / mf.WDS_DIR)
+                    if p.exists() and any(q for q in p.iterdir() if not q.name.startswith("."))]
         if existing:
             raise ConfigMismatch(f"--out {out} holds shards ({existing[0]}) but no {mf.ENCODE_CONFIG}; "
                                  f"use an empty output directory")
-        mf.write_json_atomic(path, config)
+        if mf.write_json_exclusive(path, config):
+            return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigMismatch(f"{path}: not valid JSON ({exc}); use an empty output directory") from None
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff if k != "images_sha256")
+        if "images_sha256" in diff:
+            detail += (", " if detail else "") + "the input image listing differs"
+        raise ConfigMismatch(f"--out {out} holds shards of a different configuration ({detail}); "
+                             f"use another --out or the same settings")
 
 
-def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, Any]]:
-    """Write ``manifest.json`` (and the merged MDS index) if every shard is done; else return None."""
-    out = Path(out)
-    config = json.loads((out / mf.ENCODE_CONFIG).read_text())
+def _read_records(out: Path, config: dict[str, Any], quiet: bool) -> Optional[list[dict[str, Any]]]:
+    """Every shard's record, checked to tile the image listing; None while a shard is not done."""
     records = []
+    spp, n_images = config["samples_per_shard"], config["num_images"]
     for sid in range(config["num_shards"]):
         p = out / mf.PARTS_DIR / f"{mf.part_name(sid)}.json"
         if not p.is_file():
             if not quiet:
                 print(f"finalize: shard {sid} not done yet ({p} missing); manifest not written", file=sys.stderr)
             return None
-        records.append(json.loads(p.read_text()))
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: shard {sid}'s record is not valid JSON ({exc})") from None
+        # shard s holds images [s * spp, min((s + 1) * spp, N)): anything else means records of
+        # another configuration or partition got mixed in, and samples would be duplicated or lost
+        want = {"shard_id": sid, "first_image": sid * spp, "num_images": min(spp, n_images - sid * spp)}
+        got = {k: r.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"{p}: shard {sid}'s record says {got}, expected {want} "
+                             f"(records of different runs mixed in {out / mf.PARTS_DIR}?)")
+        if r.get("num_samples", -1) + len(r.get("failures", [])) != r["num_images"]:
+            raise ValueError(f"{p}: shard {sid}'s record has {r.get('num_samples')} samples and "
+                             f"{len(r.get('failures', []))} failures for {r['num_images']} images")
+        for k in r.get("class_counts", {}):
+            if not 0 <= int(k) < len(config["class_names"]):
+                raise ValueError(f"{p}: shard {sid} has label {k}, outside the {len(config['class_names'])} classes")
+        records.append(r)
+    return records
+
+
+def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, Any]]:
+    """Write ``manifest.json`` (and the merged MDS index) if every shard is done; else return None."""
+    out = Path(out)
+    config = json.loads((out / mf.ENCODE_CONFIG).read_text())
+    records = _read_records(out, config, quiet)
+    if records is None:
+        return None
     nonempty = [r for r in records if r["num_samples"] > 0]
     if not nonempty:
         raise RuntimeError(f"{out}: every image failed; see {out / mf.PARTS_DIR}/*.json")
@@ -294,12 +471,14 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
 
         mds = out / mf.MDS_DIR
         # merge into a private directory, then rename: atomic, and safe if two ranks finalize at once
-        tmp = mds / f".merge-{os.getpid()}"
+        tmp = mds / f".merge-{mf.temp_tag()}"
         tmp.mkdir(exist_ok=True)
         merge_index([str(mds / mf.part_name(r["shard_id"]) / "index.json") for r in nonempty], str(tmp),
                     keep_local=True)
+        mf.fsync_path(tmp / "index.json")
         os.replace(tmp / "index.json", mds / "index.json")
         tmp.rmdir()
+        mf.fsync_path(mds)
     stats = mf.channel_stats_merge([r["stats"] for r in records])
     mean, std = mf.channel_stats_final(stats)
     class_counts = [0] * len(config["class_names"])
@@ -314,6 +493,8 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
         "num_images": config["num_images"],
         "num_failed": len(failures),
         "failures": failures,
+        "num_skipped_files": len(config.get("skipped_files", [])),
+        "skipped_files": config.get("skipped_files", []),
         "resolution": config["resolution"],
         "latent_shape": config["latent_shape"],
         "latent_dtype": "float16",
@@ -355,8 +536,26 @@ def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels
     fields = mf.latent_fields(store, flip)
     if sorted(fields) != sorted(latents):
         raise ValueError(f"latents has fields {sorted(latents)}, expected {fields}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"formats {list(formats)}: choose from {list(FORMATS)}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
     n = len(labels)
-    shape = list(latents[fields[0]].shape[1:])
+    shape = list(np.shape(latents[fields[0]])[1:])
+    for f in fields:
+        got = tuple(np.shape(latents[f]))
+        if len(got) != 4 or got != (n, *shape):
+            raise ValueError(f"latents[{f!r}] has shape {got}, expected {(n, *shape)} "
+                             f"(N = len(labels), (C, H, W) as latents[{fields[0]!r}])")
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+    if len(out_of_range):
+        i = int(out_of_range[0])
+        raise ValueError(f"labels[{i}] = {int(labels[i])} is outside [0, {len(class_names)}) "
+                         f"({len(class_names)} class_names; {len(out_of_range)} labels out of range)")
     formats = sorted(set(formats))
     num_shards = (n + samples_per_shard - 1) // samples_per_shard
     config = {
@@ -371,18 +570,24 @@ def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels
     _check_config(out, config)
     for s in range(num_shards):
         lo, hi = s * samples_per_shard, min(n, (s + 1) * samples_per_shard)
+        stored = {f: _to_fp16(latents[f][lo:hi]) for f in fields}
+        for f, a in stored.items():
+            finite = np.isfinite(a).reshape(len(a), -1).all(axis=1)
+            if not finite.all():
+                i = lo + int(np.flatnonzero(~finite)[0])
+                raise ValueError(f"latents[{f!r}][{i}] is not finite in float16 (NaN, inf or beyond +-65504); "
+                                 f"{int((~finite).sum())} such samples in {f!r}[{lo}:{hi}]")
         stats = mf.channel_stats_init(shape[0])
         samples = []
         for i in range(lo, hi):
             rec = {"key": mf.sample_key(i), "label": int(labels[i]), "path": ""}
-            rec.update({f: _to_fp16(latents[f][i]) for f in fields})
+            rec.update({f: stored[f][i - lo] for f in fields})
             samples.append(rec)
         for prefix in ("", "flip_") if flip else ("",):
             if store == "moments":
-                mf.channel_stats_add(stats, _to_fp16(latents[prefix + "mean"][lo:hi]),
-                                     _to_fp16(latents[prefix + "std"][lo:hi]))
+                mf.channel_stats_add(stats, stored[prefix + "mean"], stored[prefix + "std"])
             else:
-                mf.channel_stats_add(stats, _to_fp16(latents[prefix + "latent"][lo:hi]))
+                mf.channel_stats_add(stats, stored[prefix + "latent"])
         result = {"samples": samples, "failures": [], "stats": stats}
         _commit_shard(out, s, result, formats, fields, shape, lo, hi - lo, kill_now=False)
     manifest = finalize(out)
@@ -418,7 +623,8 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world size {world_size}: need 0 <= rank < world_size")
     root, out = Path(images), Path(out)
-    classes, entries = list_image_folder(root)
+    skipped: list[dict[str, str]] = []
+    classes, entries = list_image_folder(root, skipped)
     encoder = load_encoder(vae, resolution, device)
     if not encoder.has_posterior:
         store = "sample"
@@ -428,6 +634,7 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
         "samples_per_shard": samples_per_shard, "flip": bool(flip), "store": store,
         "latent_shape": encoder.latent_shape, "class_names": classes, "num_images": len(entries),
         "num_shards": num_shards, "images_sha256": listing_sha256(classes, entries),
+        "skipped_files": skipped,
     }
     out.mkdir(parents=True, exist_ok=True)
     for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
@@ -444,15 +651,25 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
         from tqdm import tqdm
 
         bar = tqdm(total=n_todo_images, unit="img", desc=f"encode rank {rank}/{world_size}", disable=None)
-    encoded = failed = 0
+    encoded = failed = written = busy = 0
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for n_done, s in enumerate(todo):
-            chunk = entries[s * samples_per_shard:(s + 1) * samples_per_shard]
-            result = _encode_shard(encoder, root, chunk, resolution=resolution, batch_size=batch_size, store=store,
-                                   flip=flip, pool=pool, strict=strict, progress=bar)
-            rec = _commit_shard(out, s, result, formats, fields, encoder.latent_shape, chunk[0].index, len(chunk),
-                                kill_now=(n_done == kill_after))
+        for s in todo:
+            claim = _claim_shard(out, s)
+            if claim is None:  # another process (a duplicate launch, an overlapping job) is writing it
+                busy += 1
+                continue
+            try:
+                if (out / mf.PARTS_DIR / f"{mf.part_name(s)}.json").is_file():
+                    continue  # committed by another process since the listing above
+                chunk = entries[s * samples_per_shard:(s + 1) * samples_per_shard]
+                result = _encode_shard(encoder, root, chunk, resolution=resolution, batch_size=batch_size,
+                                       store=store, flip=flip, pool=pool, strict=strict, progress=bar)
+                rec = _commit_shard(out, s, result, formats, fields, encoder.latent_shape, chunk[0].index,
+                                    len(chunk), kill_now=(written == kill_after))
+            finally:
+                _release_shard(out, s, claim)
+            written += 1
             encoded += rec["num_samples"]
             failed += len(rec["failures"])
     if bar is not None:
@@ -460,8 +677,10 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     manifest = finalize(out, quiet=True)
     seconds = time.perf_counter() - t0
     summary = {
-        "rank": rank, "world_size": world_size, "shards_written": len(todo), "shards_skipped": len(mine) - len(todo),
-        "images_encoded": encoded, "images_failed": failed, "seconds": round(seconds, 3),
+        "rank": rank, "world_size": world_size, "shards_written": written,
+        "shards_skipped": len(mine) - written - busy, "shards_busy": busy,
+        "images_encoded": encoded, "images_failed": failed, "files_skipped": len(skipped),
+        "seconds": round(seconds, 3),
         "images_per_s": round((encoded + failed) / seconds, 1) if seconds > 0 else None,
         "manifest": str(out / mf.MANIFEST) if manifest else None,
     }
@@ -475,7 +694,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--images", help="ImageFolder root (one subfolder per class)")
     p.add_argument("--out", required=True, help="output dataset root")
     p.add_argument("--resolution", type=int)
-    p.add_argument("--vae", default="identity", help="identity, a diffusers model id in the local cache, or a directory")
+    p.add_argument("--vae", default="identity",
+                   help="identity, a diffusers model id in the local cache, or a directory")
     p.add_argument("--formats", default="mds,wds")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--flip", action="store_true", help="also store the encoding of the mirrored image")
@@ -487,8 +707,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--finalize", action="store_true", help="only write manifest.json (all shards must be done)")
+    p.add_argument("--verify", action="store_true",
+                   help="only check every shard file of --out against the sha256 in its manifest.json")
     args = p.parse_args(argv)
     try:
+        if args.verify:
+            n = mf.verify_checksums(args.out)
+            print(json.dumps({"verified_files": n, "dataset": str(args.out)}))
+            return 0
         if args.finalize:
             manifest = finalize(args.out)
             if manifest is None:
@@ -497,13 +723,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "failed": manifest["num_failed"]}))
             return 0
         if not args.images or not args.resolution:
-            p.error("--images and --resolution are required (unless --finalize)")
+            p.error("--images and --resolution are required (unless --finalize or --verify)")
         rank, world = world_from_env(args.rank, args.world_size)
         summary = encode_dataset(args.images, args.out, args.resolution, args.vae, args.formats,
                                  args.samples_per_shard, flip=args.flip, batch_size=args.batch_size,
                                  strict=args.strict, store=args.store, rank=rank, world_size=world,
                                  workers=args.workers, device=args.device)
-    except (BadImage, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (BadImage, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

@@ -36,36 +36,55 @@ class ImageEntry:
     size: int  # bytes
 
 
-def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[ImageEntry]]:
+def list_image_folder(root: str | os.PathLike,
+                      skipped: list[dict[str, str]] | None = None) -> tuple[list[str], list[ImageEntry]]:
     """Class names (sorted folder names) and every file below them, sorted, numbered.
 
-    Every non-hidden regular file counts as an image candidate, so that a stray non-image file
-    is reported as a failure instead of silently ignored.
+    Every non-hidden regular file or symlink below a class folder counts as an image candidate, so
+    that a stray non-image file or a broken symlink is reported as a failure instead of silently
+    ignored. What belongs to no class (files at the root, hidden files and folders) is appended to
+    ``skipped`` as ``{"path", "reason"}`` for the caller to count and report.
     """
     root = Path(root)
+    skipped = [] if skipped is None else skipped
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: not a directory")
     if not os.access(root, os.R_OK | os.X_OK):
         raise PermissionError(f"--images {root}: not readable")
     try:
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        top = sorted(root.iterdir())
     except OSError as exc:
         raise PermissionError(f"--images {root}: cannot list ({exc})") from None
+    classes = [d.name for d in top if d.is_dir() and not d.name.startswith(".")]
+    for p in top:
+        if p.name.startswith("."):
+            skipped.append({"path": p.name, "reason": "hidden"})
+        elif not p.is_dir():
+            skipped.append({"path": p.name, "reason": "not in a class folder"})
     if not classes:
         raise ValueError(f"--images {root}: no class folders (expected ImageFolder layout root/<class>/<image>)")
     entries: list[ImageEntry] = []
     for label, name in enumerate(classes):
         cdir = root / name
+        files = []
         try:
-            files = sorted(
-                p for p in cdir.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(cdir).parts))
+            for p in sorted(cdir.rglob("*")):
+                rel = p.relative_to(cdir).parts
+                hidden = [i for i, part in enumerate(rel) if part.startswith(".")]
+                if hidden:
+                    if hidden[0] == len(rel) - 1:  # report the hidden entry itself, not all below it
+                        skipped.append({"path": p.relative_to(root).as_posix(), "reason": "hidden"})
+                elif p.is_symlink() and not p.exists():
+                    files.append(p)  # a broken symlink: fails in load_image, counted with the bad images
+                elif p.is_file():
+                    files.append(p)
         except OSError as exc:
             raise PermissionError(f"class folder {cdir}: cannot list ({exc})") from None
         if not files:
             raise ValueError(f"class folder {cdir}: holds no images")
         for p in files:
-            entries.append(ImageEntry(len(entries), p.relative_to(root).as_posix(), label, p.stat().st_size))
+            size = p.stat().st_size if p.exists() else -1
+            entries.append(ImageEntry(len(entries), p.relative_to(root).as_posix(), label, size))
     return classes, entries
 
 
@@ -102,6 +121,8 @@ def load_image(root: str | os.PathLike, entry: ImageEntry, resolution: int) -> n
     """Decode, convert to RGB and crop one image; raises :class:`BadImage` with the reason."""
     path = Path(root) / entry.relpath
     try:
+        if path.is_symlink() and not path.exists():
+            raise BadImage(entry.relpath, f"broken symlink (to {os.readlink(path)})")
         if path.stat().st_size == 0:
             raise BadImage(entry.relpath, "empty file")
         with Image.open(path) as img:

@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any, Union
 
@@ -69,6 +72,10 @@ def latent_fields(store: str, flip: bool) -> list[str]:
     return base + (["flip_" + f for f in base] if flip else [])
 
 
+REQUIRED_KEYS = ("latent_shape", "num_classes", "latent_mean", "latent_std", "encoder", "num_samples",
+                 "formats", "shards", "store", "flip")
+
+
 def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """Read ``manifest.json`` from a dataset root (or the file itself) and check its fields."""
     path = Path(path)
@@ -81,17 +88,56 @@ def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    required = ("latent_shape", "num_classes", "latent_mean", "latent_std", "encoder", "num_samples")
-    missing = [k for k in required if k not in manifest]
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"{path}: manifest lacks {missing}")
-    channels = manifest["latent_shape"][0]
+        raise ValueError(f"{path}: manifest lacks {', '.join(repr(k) for k in missing)}")
+    shape = manifest["latent_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ValueError(f"{path}: latent_shape must be [C, H, W] of positive integers, got {shape!r}")
+    channels = shape[0]
     for key in ("latent_mean", "latent_std"):
-        if len(manifest[key]) != channels:
-            raise ValueError(f"{path}: {key} has {len(manifest[key])} entries, latent_shape has {channels} channels")
+        values = manifest[key]
+        if not isinstance(values, list) or len(values) != channels:
+            raise ValueError(f"{path}: {key} has {len(values) if isinstance(values, list) else values!r} entries, "
+                             f"latent_shape has {channels} channels")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"{path}: {key} must be finite numbers, got {values} "
+                             f"(a non-finite latent was written into the dataset; re-encode it)")
     if any(s <= 0 for s in manifest["latent_std"]):
         raise ValueError(f"{path}: latent_std must be positive, got {manifest['latent_std']}")
+    if manifest["store"] not in ("sample", "moments"):
+        raise ValueError(f"{path}: store {manifest['store']!r}: expected 'sample' or 'moments'")
+    for i, shard in enumerate(manifest["shards"]):
+        lacking = [k for k in ("shard_id", "num_samples", "checksums") if k not in shard]
+        if lacking:
+            raise ValueError(f"{path}: shards[{i}] lacks {', '.join(repr(k) for k in lacking)}")
     return manifest
+
+
+def verify_checksums(root: Union[str, os.PathLike], manifest: dict[str, Any] | None = None) -> int:
+    """Check every shard file listed in the manifest against its sha256; returns the number of files.
+
+    Reads every byte of the dataset, so it is not done on every open (the readers check sizes
+    only): run it after copying a dataset, or when a size check or a non-finite batch points at
+    corruption (``python -m data_prep.encode --out ROOT --verify``). Raises ``ValueError`` naming
+    every missing or differing file.
+    """
+    root = Path(root)
+    manifest = manifest if manifest is not None else read_manifest(root)
+    bad, n = [], 0
+    for shard in manifest["shards"]:
+        for rel, digest in sorted(shard["checksums"].items()):
+            p = root / rel
+            n += 1
+            if not p.is_file():
+                bad.append(f"{p}: missing")
+            elif file_sha256(p) != digest:
+                bad.append(f"{p}: sha256 differs from the manifest's {digest[:16]}...")
+    if bad:
+        raise ValueError(f"{root}: {len(bad)} of {n} shard files fail the checksum check:\n  " + "\n  ".join(bad))
+    return n
 
 
 def _channel_view(manifest: dict[str, Any], x: torch.Tensor, key: str) -> torch.Tensor:
@@ -167,16 +213,50 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
-    """Write JSON to a temp name in the same directory, fsync, then rename (never half-visible)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def temp_tag() -> str:
+    """``<host>-<pid>``: a temp-name part unique among the processes sharing a file system."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def fsync_path(path: Union[str, os.PathLike]) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames into it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_tmp(path: Path, obj: Any) -> Path:
+    tmp = path.with_name(f".{path.name}.{temp_tag()}-{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
+    """Write JSON to a temp name in the same directory, fsync, then rename (never half-visible)."""
+    path = Path(path)
+    os.replace(_write_json_tmp(path, obj), path)
+    fsync_path(path.parent)
+
+
+def write_json_exclusive(path: Union[str, os.PathLike], obj: Any) -> bool:
+    """Create ``path`` holding ``obj`` only if it does not exist (a complete temp file hard-linked to
+    the name, so the file is never seen half-written); returns False if it already existed."""
+    path = Path(path)
+    tmp = _write_json_tmp(path, obj)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    fsync_path(path.parent)
+    return True
 
 
 def dataset_id(manifest: dict[str, Any]) -> str:

@@ -27,8 +27,11 @@ MDS (MosaicML Streaming)
     What we keep from Streaming: the MDS format and writer (``MDSWriter``), its index merge
     (``merge_index``), its readers, and its downloaders (``CloudDownloader``) for a remote store
     (``data.remote`` = s3://, gs://, oci://, hf://, a plain path, ... with ``data.cache_dir`` as
-    the local cache). Shards are fetched into the cache on first use (whole shards, atomically
-    renamed) and kept; there is no eviction, so the cache needs room for the shards a run touches.
+    the local cache). Shards are fetched into the cache on first use (whole shards, checked against
+    the manifest's sha256, atomically renamed) and kept; there is no eviction, so the cache needs
+    room for the shards a run touches. The manifest is fetched afresh on every open and the cache is
+    keyed by its dataset id (``<cache_dir>/<dataset_id>/``), so a reused cache never serves another
+    dataset's files.
 
 WebDataset tars
     Written with webdataset's ``TarWriter``; beside each tar an ``.idx.json`` lists every sample's
@@ -41,6 +44,15 @@ WebDataset tars
     exact resume across world sizes) are the same as for local disk. We offer no pure sequential
     streaming mode: a sequential stream can only give per-shard order (shard-level shuffling, no
     exact mid-epoch resume), which is what plain webdataset already does.
+
+Integrity
+    Every shard file's size is checked at its first open (against the MDS index or the WebDataset
+    ``.idx.json``, whose own structure is checked too), every array read is checked against the
+    manifest's ``latent_shape``/``latent_dtype``, and read errors raise :class:`ShardReadError`
+    naming the file and the sample. Content checksums are not checked on open (that reads every
+    byte of the dataset): :func:`manifest.verify_checksums` / ``python -m data_prep.encode --out
+    ROOT --verify`` does it on demand, and remote downloads are always checked. Flipped bytes
+    inside a latent that turn it non-finite are caught by the loader's per-batch finiteness check.
 
 Memory
     An ``.npz`` with ``x`` (N, C, H, W), ``y`` (N,), optional ``keys`` and ``num_classes``: for tests.
@@ -61,25 +73,41 @@ from . import manifest as mf
 # ------------------------------------------------------------------------------------ remote cache
 
 
-def _fetch(remote_url: str, local_path: Path, opener: str) -> Path:
-    """Copy ``remote_url`` to ``local_path`` once (atomic rename; safe with concurrent callers)."""
-    if local_path.exists():
+class ShardReadError(ValueError):
+    """A shard file that is missing, truncated, corrupt or does not match the manifest."""
+
+
+def _fetch(remote_url: str, local_path: Path, opener: str, *, force: bool = False,
+           sha256: Optional[str] = None) -> Path:
+    """Copy ``remote_url`` to ``local_path`` (atomic rename; safe with concurrent callers).
+
+    A file already in the cache is used as is unless ``force``; a downloaded file whose sha256
+    differs from ``sha256`` (the manifest's) is refused and not cached.
+    """
+    if local_path.exists() and not force:
         return local_path
     local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_path.with_name(f".{local_path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    if opener == "streaming":
-        from streaming.base.storage.download import CloudDownloader
+    tmp = local_path.with_name(f".{local_path.name}.{mf.temp_tag()}.{threading.get_ident()}.part")
+    try:
+        if opener == "streaming":
+            from streaming.base.storage.download import CloudDownloader
 
-        if tmp.exists():
-            tmp.unlink()
-        CloudDownloader.direct_download(remote_url, str(tmp))
-    else:
-        from webdataset.gopen import gopen
+            if tmp.exists():
+                tmp.unlink()
+            CloudDownloader.direct_download(remote_url, str(tmp))
+        else:
+            from webdataset.gopen import gopen
 
-        with gopen(remote_url, "rb") as src, open(tmp, "wb") as dst:
-            for block in iter(lambda: src.read(1 << 20), b""):
-                dst.write(block)
-    os.replace(tmp, local_path)
+            with gopen(remote_url, "rb") as src, open(tmp, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+        if sha256 is not None and mf.file_sha256(tmp) != sha256:
+            raise ShardReadError(f"{remote_url}: downloaded file's sha256 {mf.file_sha256(tmp)[:16]}... differs "
+                                 f"from the manifest's {sha256[:16]}... (corrupt remote file, or a remote "
+                                 f"changed under its manifest); not cached")
+        os.replace(tmp, local_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return local_path
 
 
@@ -88,16 +116,31 @@ def _join(remote: str, *parts: str) -> str:
 
 
 def resolve_root(path: str, remote: Optional[str], cache_dir: Optional[str]) -> Path:
-    """The local dataset root; with a remote store, fetch its manifest into the cache first."""
+    """The local dataset root; with a remote store, fetch its manifest into the cache first.
+
+    Remote: the manifest is fetched on every call (never served from the cache), and the dataset's
+    files are cached under ``<cache_dir>/<dataset_id>/`` (:func:`manifest.dataset_id`, a digest of
+    the shard checksums), so a cache directory reused for another dataset, or for a remote whose
+    content changed, never serves the old files. Shard files are checked against the manifest's
+    sha256 when downloaded.
+    """
     if remote:
         local = cache_dir or path
         if not local:
             raise ValueError("data.remote is set: also set data.cache_dir (a local directory for the shards)")
-        root = Path(local)
+        cache = Path(local)
         opener = "gopen" if "://" in remote and remote.split("://")[0] in ("http", "https") else "streaming"
         if remote.startswith("pipe:"):
             opener = "gopen"
-        _fetch(_join(remote, mf.MANIFEST), root / mf.MANIFEST, opener)
+        fresh = _fetch(_join(remote, mf.MANIFEST), cache / f".{mf.MANIFEST}.{mf.temp_tag()}", opener, force=True)
+        try:
+            manifest = mf.read_manifest(fresh)
+        except ValueError as exc:
+            fresh.unlink(missing_ok=True)
+            raise ValueError(f"data.remote={remote!r}: {exc}") from None
+        root = cache / mf.dataset_id(manifest)
+        root.mkdir(parents=True, exist_ok=True)
+        os.replace(fresh, root / mf.MANIFEST)
         return root
     if not path:
         raise ValueError("data.path is empty: point it at a dataset root holding manifest.json")
@@ -132,12 +175,24 @@ class MemorySource(Source):
             if "x" not in z or "y" not in z:
                 raise ValueError(f"{path}: the .npz needs arrays 'x' (N, C, H, W) and 'y' (N,), has {list(z.keys())}")
             self.x = np.ascontiguousarray(z["x"])
-            self.y = np.asarray(z["y"]).astype(np.int64)
+            y = np.asarray(z["y"])
             keys = [str(k) for k in z["keys"]] if "keys" in z else [f"{i:09d}" for i in range(len(self.x))]
-            num_classes = int(z["num_classes"]) if "num_classes" in z else int(self.y.max()) + 1
-        if self.x.ndim != 4 or len(self.y) != len(self.x) or len(keys) != len(self.x):
+            num_classes = int(z["num_classes"]) if "num_classes" in z else (int(y.max()) + 1 if y.size else 0)
+        if self.x.ndim != 4 or y.ndim != 1 or len(y) != len(self.x) or len(keys) != len(self.x):
             raise ValueError(f"{path}: x must be (N, C, H, W) with N == len(y) == len(keys); "
-                             f"got x {self.x.shape}, y {self.y.shape}, keys {len(keys)}")
+                             f"got x {self.x.shape}, y {y.shape}, keys {len(keys)}")
+        if y.size and not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating)
+                                                                   and np.array_equal(y, np.round(y)))):
+            raise ValueError(f"{path}: y must hold integer class indices, got dtype {y.dtype}")
+        self.y = y.astype(np.int64)
+        bad = np.flatnonzero((self.y < 0) | (self.y >= num_classes))
+        if len(bad):
+            raise ValueError(f"{path}: y[{int(bad[0])}] = {int(self.y[bad[0]])} is outside [0, num_classes="
+                             f"{num_classes}) ({len(bad)} labels out of range)")
+        if not np.isfinite(self.x).all():
+            i = int(np.flatnonzero(~np.isfinite(self.x).reshape(len(self.x), -1).all(axis=1))[0])
+            raise ValueError(f"{path}: x[{i}] is not finite")
+        self.path = str(p)
         self.keys = keys
         self.num_samples = len(self.x)
         self.fields = ["latent"]
@@ -162,12 +217,17 @@ class MemorySource(Source):
     def read(self, index: int) -> dict[str, Any]:
         return {"key": self.keys[index], "label": int(self.y[index]), "latent": self.x[index]}
 
+    def shard_file(self, index: int) -> str:
+        return self.path
+
 
 class _ShardedSource(Source):
     def __init__(self, root: Path, manifest: dict[str, Any]):
         self.root = root
         self.manifest = manifest
         self.fields = mf.latent_fields(manifest["store"], manifest["flip"])
+        self.shape = tuple(manifest["latent_shape"])
+        self.dtype = np.dtype(manifest.get("latent_dtype", "float16"))
         counts = [s["num_samples"] for s in manifest["shards"]]
         self.shard_ids = [s["shard_id"] for s in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -175,12 +235,23 @@ class _ShardedSource(Source):
         if self.num_samples != manifest["num_samples"]:
             raise ValueError(f"{root}/manifest.json: shard counts sum to {self.num_samples}, "
                              f"num_samples says {manifest['num_samples']}")
+        # relative path -> sha256, for checking files as they are downloaded
+        self.checksums = {rel: d for s in manifest["shards"] for rel, d in s.get("checksums", {}).items()}
 
     def locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample index {index} out of range [0, {self.num_samples})")
         pos = int(np.searchsorted(self.starts, index, side="right")) - 1
         return pos, index - int(self.starts[pos])
+
+    def shard_file(self, index: int) -> str:  # pragma: no cover - interface
+        """The file that holds sample ``index`` (for error messages)."""
+        raise NotImplementedError
+
+    def _check_array(self, arr: np.ndarray, field: str, index: int, key: str) -> None:
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) field {field!r} is "
+                                 f"{arr.dtype}{list(arr.shape)}, the manifest says {self.dtype}{list(self.shape)}")
 
     def __getstate__(self):  # open files and caches are per process
         state = self.__dict__.copy()
@@ -220,6 +291,8 @@ def _mds_decode(plan, data) -> dict[str, Any]:
             size = int.from_bytes(data[idx:idx + 4], "little")
             idx += 4
         sizes.append(size)
+    if idx + sum(sizes) != len(data):
+        raise ValueError(f"the sample's column sizes add up to {idx + sum(sizes)} bytes, it has {len(data)}")
     out = {}
     for (name, kind, _, arg), size in zip(plan, sizes):
         raw = data[idx:idx + size]
@@ -234,7 +307,12 @@ def _mds_decode(plan, data) -> dict[str, Any]:
 
 
 class MDSSource(_ShardedSource):
-    """MDS shards through Streaming's reader classes (see the module docstring for why)."""
+    """MDS shards through Streaming's reader classes (see the module docstring for why).
+
+    At the first open of a shard its size must equal the MDS index's ``raw_data.bytes`` and its
+    offset table must be in order and end at the file's end; a read error names the file and the
+    sample. (Content checksums: :func:`manifest.verify_checksums`, and on download from a remote.)
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any], remote: Optional[str] = None):
         super().__init__(root, manifest)
@@ -245,12 +323,19 @@ class MDSSource(_ShardedSource):
             _fetch(_join(remote, mf.MDS_DIR, "index.json"), index_path, "streaming")
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: no MDS index (was the dataset encoded with --formats mds?)")
-        self._index = json.loads(index_path.read_text())
-        counts = [s["samples"] for s in self._index["shards"]]
+        try:
+            self._index = json.loads(index_path.read_text())
+            counts = [s["samples"] for s in self._index["shards"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ShardReadError(f"{index_path}: not a valid MDS index ({type(exc).__name__}: {exc})") from None
         if sum(counts) != self.num_samples:
             raise ValueError(f"{index_path}: {sum(counts)} samples, manifest.json says {self.num_samples}")
         # MDS parts are in shard order, one MDS shard per part (the writer guarantees it)
         self.mds_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def shard_file(self, index: int) -> str:
+        pos = int(np.searchsorted(self.mds_starts, index, side="right")) - 1
+        return str(self.mds_root / self._index["shards"][pos]["raw_data"]["basename"])
 
     def _reader(self, pos: int):
         readers = self.__dict__.setdefault("_readers", {})
@@ -263,17 +348,31 @@ class MDSSource(_ShardedSource):
             obj = self._index["shards"][pos]
             reader = reader_from_json(str(self.mds_root), None, obj)
             if reader.compression:
-                raise ValueError(f"{self.mds_root}: compressed MDS shards are not supported (written without compression)")
+                raise ValueError(f"{self.mds_root}: compressed MDS shards are not supported "
+                                 f"(written without compression)")
             local = self.mds_root / reader.raw_data.basename
             if not local.exists():
                 if not self.remote:
                     raise FileNotFoundError(f"{local}: MDS shard missing")
-                _fetch(_join(self.remote, mf.MDS_DIR, reader.raw_data.basename), local, "streaming")
+                _fetch(_join(self.remote, mf.MDS_DIR, reader.raw_data.basename), local, "streaming",
+                       sha256=self.checksums.get(f"{mf.MDS_DIR}/{reader.raw_data.basename}"))
+            size = local.stat().st_size
+            if size != reader.raw_data.bytes:
+                raise ShardReadError(f"{local}: {size} bytes, the MDS index {self.mds_root / 'index.json'} says "
+                                     f"{reader.raw_data.bytes} (truncated or replaced shard file)")
             # the MDS file starts with the sample count and a table of (samples + 1) uint32 offsets;
             # we map the file once and slice it, then let Streaming's reader decode the sample bytes
             with open(local, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            offsets = np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4).astype(np.int64)
+            head = 4 * (reader.samples + 2)
+            count = int.from_bytes(mm[:4], "little") if size >= 4 else -1
+            offsets = (np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4).astype(np.int64)
+                       if size >= head else np.zeros(0, np.int64))
+            if (count != reader.samples or len(offsets) != reader.samples + 1 or offsets[0] < head
+                    or offsets[-1] != size or (np.diff(offsets) < 0).any()):
+                mm.close()
+                raise ShardReadError(f"{local}: corrupt MDS header (sample count {count}, expected {reader.samples}; "
+                                     f"the offsets must rise from at least {head} to the file size {size})")
             entry = readers[pos] = (reader, mm, offsets, _mds_layout(reader))
         return entry
 
@@ -283,45 +382,81 @@ class MDSSource(_ShardedSource):
         pos = int(np.searchsorted(self.mds_starts, index, side="right")) - 1
         reader, mm, offsets, layout = self._reader(pos)
         j = index - int(self.mds_starts[pos])
-        data = mm[offsets[j]:offsets[j + 1]]
-        sample = _mds_decode(layout, data) if layout else reader.decode_sample(data)
-        shape = tuple(self.manifest["latent_shape"])
-        out = {"key": sample["key"], "label": int(sample["label"])}
-        for f in self.fields:
-            out[f] = sample[f].reshape(shape)
+        try:
+            data = mm[offsets[j]:offsets[j + 1]]
+            sample = _mds_decode(layout, data) if layout else reader.decode_sample(data)
+            out = {"key": sample["key"], "label": int(sample["label"])}
+            arrays = {f: sample[f] for f in self.fields}
+        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise ShardReadError(f"{self.shard_file(index)}: cannot decode sample {index} (sample {j} of this "
+                                 f"shard): {type(exc).__name__}: {exc}") from exc
+        for f, arr in arrays.items():
+            self._check_array(arr, f, index, out["key"])
+            out[f] = arr
         return out
 
 
 class WDSSource(_ShardedSource):
-    """WebDataset tars, random access through the ``.idx.json`` beside each tar."""
+    """WebDataset tars, random access through the ``.idx.json`` beside each tar.
+
+    At the first open of a shard: the tar's size must equal the index's ``tar_size``, the index's
+    samples must match the manifest's count, every member must lie inside the tar, and the members
+    must be ``cls`` and one ``.npy`` per field; every array read is checked against the manifest's
+    ``latent_shape`` and ``latent_dtype``. Errors name the file and the sample key.
+    """
 
     def __init__(self, root: Path, manifest: dict[str, Any], remote: Optional[str] = None):
         super().__init__(root, manifest)
         self.remote = remote
         self.wds_root = root / mf.WDS_DIR
-        self._npy_layout: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        self._npy_layout: dict[str, tuple[bytes, np.dtype, tuple[int, ...], int]] = {}
         if not remote and not self.wds_root.is_dir():
-            raise FileNotFoundError(f"{self.wds_root}: no WebDataset shards (was the dataset encoded with --formats wds?)")
+            raise FileNotFoundError(f"{self.wds_root}: no WebDataset shards "
+                                    f"(was the dataset encoded with --formats wds?)")
 
     def _local(self, name: str) -> Path:
         path = self.wds_root / name
         if not path.exists():
             if not self.remote:
                 raise FileNotFoundError(f"{path}: WebDataset file missing")
-            _fetch(_join(self.remote, mf.WDS_DIR, name), path, "gopen")
+            _fetch(_join(self.remote, mf.WDS_DIR, name), path, "gopen",
+                   sha256=self.checksums.get(f"{mf.WDS_DIR}/{name}"))
         return path
 
-    def _shard(self, pos: int) -> tuple[int, dict[str, Any]]:
+    def shard_file(self, index: int) -> str:
+        pos, _ = self.locate(index)
+        return str(self.wds_root / mf.wds_name(self.shard_ids[pos]))
+
+    def _load_index(self, pos: int) -> dict[str, Any]:
+        sid = self.shard_ids[pos]
+        path = self._local(mf.wds_index_name(sid))
+        want = {"cls"} | {f + ".npy" for f in self.fields}
+        try:
+            idx = json.loads(path.read_text())
+            n = int(self.starts[pos + 1] - self.starts[pos])
+            idx["offsets"] = np.asarray(idx["offsets"], dtype=np.int64).reshape(n, len(idx["members"]))
+            idx["sizes"] = np.asarray(idx["sizes"], dtype=np.int64).reshape(n, len(idx["members"]))
+            if len(idx["keys"]) != n:
+                raise ValueError(f"{len(idx['keys'])} keys, the manifest says shard {sid} has {n} samples")
+            missing = want - set(idx["members"])
+            if missing:
+                raise ValueError(f"members {idx['members']} lack {sorted(missing)}")
+            tar_size = int(idx["tar_size"])
+            if n and ((idx["offsets"] < 0).any() or (idx["offsets"] + idx["sizes"] > tar_size).any()):
+                raise ValueError(f"member byte ranges reach past the tar's {tar_size} bytes")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ShardReadError(f"{path}: invalid WebDataset index ({type(exc).__name__}: {exc})") from None
+        return idx
+
+    def _shard(self, pos: int) -> tuple[Any, dict[str, Any]]:
         fds = self.__dict__.setdefault("_fds", {})
         indexes = self.__dict__.setdefault("_indexes", {})
         if pos not in fds:
-            sid = self.shard_ids[pos]
-            idx = json.loads(self._local(mf.wds_index_name(sid)).read_text())
-            idx["offsets"] = np.asarray(idx["offsets"], dtype=np.int64)
-            idx["sizes"] = np.asarray(idx["sizes"], dtype=np.int64)
+            idx = self._load_index(pos)
             tar = self._local(idx["tar"])
             if tar.stat().st_size != idx["tar_size"]:
-                raise ValueError(f"{tar}: {tar.stat().st_size} bytes, its index says {idx['tar_size']}")
+                raise ShardReadError(f"{tar}: {tar.stat().st_size} bytes, its index says {idx['tar_size']} "
+                                     f"(truncated or replaced shard file)")
             indexes[pos] = idx
             import mmap
 
@@ -331,8 +466,9 @@ class WDSSource(_ShardedSource):
 
     def _decode_npy(self, member: str, buf: bytes) -> np.ndarray:
         layout = self._npy_layout.get(member)
-        if layout is None or len(buf) != layout[3]:
-            # parse the .npy header once per field; all samples of a dataset share it
+        if layout is None or len(buf) != layout[3] or buf[:len(layout[0])] != layout[0]:
+            # parse the .npy header once per field; all samples of a dataset share it (compared
+            # byte for byte above, so a sample with another shape or dtype is parsed and caught)
             import io
 
             from numpy.lib import format as npf
@@ -343,22 +479,32 @@ class WDSSource(_ShardedSource):
             shape, fortran, dtype = read_header(f)
             if fortran:
                 return np.load(io.BytesIO(buf))
-            layout = (f.tell(), dtype, shape, f.tell() + int(np.prod(shape)) * dtype.itemsize)
+            hlen = f.tell()
+            layout = (bytes(buf[:hlen]), dtype, shape, hlen + int(np.prod(shape)) * dtype.itemsize)
+            if len(buf) != layout[3]:
+                raise ValueError(f"{len(buf)} bytes, its .npy header says {layout[3]}")
             self._npy_layout[member] = layout
-        hlen, dtype, shape, _ = layout
-        return np.frombuffer(buf, dtype=dtype, offset=hlen).reshape(shape)
+        header, dtype, shape, _ = layout
+        return np.frombuffer(buf, dtype=dtype, offset=len(header)).reshape(shape)
 
     def read(self, index: int) -> dict[str, Any]:
         pos, j = self.locate(index)
         mm, idx = self._shard(pos)
         offs, sizes = idx["offsets"][j].tolist(), idx["sizes"][j].tolist()
-        out: dict[str, Any] = {"key": idx["keys"][j]}
+        key = idx["keys"][j]
+        out: dict[str, Any] = {"key": key}
         for m, name in enumerate(idx["members"]):
             data = mm[offs[m]:offs[m] + sizes[m]]
-            if name == "cls":
-                out["label"] = int(data)
-            elif name.endswith(".npy"):
-                out[name[:-4]] = self._decode_npy(name, data)
+            try:
+                if name == "cls":
+                    out["label"] = int(data)
+                elif name.endswith(".npy"):
+                    out[name[:-4]] = self._decode_npy(name, data)
+            except (ValueError, TypeError) as exc:
+                raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) member {name!r}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        for f in self.fields:
+            self._check_array(out[f], f, index, key)
         return out
 
 

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run_cli(args, env_extra=None):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+              "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "data_prep.encode", *map(str, args)], cwd=REPO, env=env,
@@ -84,7 +85,8 @@ def test_kill_and_rerun_equals_uninterrupted(images, tmp_path):
     assert killed.returncode == -9  # SIGKILL while writing the 4th shard
     run = tmp_path / "run"
     assert not (run / "manifest.json").exists()
-    assert sorted(p.name for p in (run / "parts").iterdir()) == [f"part-00000{i}.json" for i in range(3)]
+    assert sorted(p.name for p in (run / "parts").glob("part-*")) == [f"part-00000{i}.json" for i in range(3)]
+    assert (run / "parts" / ".part-000003.lock").exists()  # its claim died with it (flock), the file stays
     # the half-written 4th shard exists only under temp names, never under its final name
     assert not (run / "wds" / "shard-000003.tar").exists() and not (run / "mds" / "part-000003").exists()
     assert any(p.name.startswith(".") for p in (run / "wds").iterdir())
@@ -97,3 +99,116 @@ def test_kill_and_rerun_equals_uninterrupted(images, tmp_path):
     assert sorted(a) == sorted(b)
     for rel in a:
         assert a[rel] == b[rel], f"{rel} differs after kill + rerun"
+
+
+def test_a_claimed_shard_is_left_to_its_holder(images, tmp_path):
+    """Two processes on one output: a shard claimed by one (here: this test process, with the
+    encoder's own claim) is neither encoded nor committed by the other, whose temp files could
+    otherwise collide with the holder's; released, it is encoded by the next run."""
+    from data_prep.encode import _claim_shard, _release_shard
+
+    root, _ = images
+    out = tmp_path / "run"
+    common = ["--images", root, "--resolution", 8, "--vae", "identity", "--formats", "mds,wds",
+              "--samples-per-shard", 4, "--out", out]
+    # the first run records the configuration and writes shards 0, 2, 3 while we hold shard 1
+    (out / "parts").mkdir(parents=True)
+    claim = _claim_shard(out, 1)
+    assert claim is not None and _claim_shard(out, 1) is None  # exclusive, even within one process
+    # a dead process's half-written files of shard 1 (another host's temp names)
+    (out / "wds").mkdir()
+    stale = out / "wds" / ".shard-000001.tar.otherhost-99.tmp"
+    stale.write_bytes(b"half")
+    first = _run_cli(common)
+    stdout, stderr = first.communicate(timeout=180)
+    assert first.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["shards_busy"] == 1 and summary["shards_written"] == 3 and summary["manifest"] is None
+    assert not (out / "parts" / "part-000001.json").exists() and stale.exists()
+    _release_shard(out, 1, claim)
+    second = _run_cli(common)
+    stdout, stderr = second.communicate(timeout=180)
+    assert second.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["shards_written"] == 1 and summary["shards_skipped"] == 3 and summary["manifest"]
+    encode_dataset(root, tmp_path / "ref", 8, "identity", "mds,wds", 4, progress=False)
+    a, b = _data_files(tmp_path / "ref"), _data_files(out)  # no temp or lock file left either
+    assert sorted(a) == sorted(b)
+    for rel in a:
+        assert a[rel] == b[rel], rel
+
+
+def test_two_identical_runs_at_once_agree(images, tmp_path):
+    """The same command started twice on one output (a duplicate launch): both succeed, every
+    shard is written once, the result equals one run."""
+    root, _ = images
+    common = ["--images", root, "--resolution", 8, "--vae", "identity", "--formats", "mds,wds",
+              "--samples-per-shard", 1, "--workers", 1, "--out", tmp_path / "run"]
+    runs = [_run_cli(common) for _ in range(2)]
+    summaries = []
+    for p in runs:
+        stdout, stderr = p.communicate(timeout=180)
+        assert p.returncode == 0, stderr
+        summaries.append(json.loads(stdout))
+    assert sum(s["shards_written"] for s in summaries) == 15
+    encode_dataset(root, tmp_path / "ref", 8, "identity", "mds,wds", 1, progress=False)
+    a, b = _data_files(tmp_path / "ref"), _data_files(tmp_path / "run")
+    assert sorted(a) == sorted(b)
+    for rel in a:
+        assert a[rel] == b[rel], rel
+
+
+def _strace_usable() -> bool:
+    import shutil
+
+    if not shutil.which("strace"):
+        return False
+    return subprocess.run(["strace", "-f", "-e", "trace=fsync", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _strace_usable(), reason="needs strace (ptrace allowed)")
+def test_shard_data_is_fsynced_before_its_record(images, tmp_path):
+    """Traced system calls of a real run: every file of a shard (MDS included) and the directories
+    it is renamed into are fsynced before the rename that commits the shard's record."""
+    import re
+
+    root, _ = images
+    out = tmp_path / "run"
+    log = tmp_path / "strace.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        env.pop(k, None)
+    subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2",
+                    "-o", str(log), sys.executable, "-m", "data_prep.encode", "--images", str(root),
+                    "--out", str(out), "--resolution", "8", "--formats", "mds,wds", "--samples-per-shard", "6",
+                    "--workers", "1"], cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    synced, renamed = set(), {}  # renamed: temp path -> final path
+    checked = 0
+    for line in log.read_text().splitlines():
+        m = re.search(r"f(?:data)?sync\(\d+<([^>]+)>", line)
+        if m:
+            synced.add(m.group(1))
+            continue
+        names = re.findall(r'"([^"]+)"', line)
+        if "rename" not in line or len(names) < 2:
+            continue
+        src, dst = (os.path.realpath(n) for n in names[-2:])
+        renamed[src] = dst
+        rec = re.fullmatch(r".*/parts/(part-\d+)\.json", dst)
+        if not rec:
+            continue
+        pname = rec.group(1)
+        sid = int(pname[5:])
+        # the shard's final files, as they were named when written
+        files = [src]
+        for tmp, final in renamed.items():
+            if final in (str(out / "mds" / pname), str(out / "wds" / f"shard-{sid:06d}.tar"),
+                         str(out / "wds" / f"shard-{sid:06d}.idx.json")):
+                files += [os.path.join(tmp, n) for n in os.listdir(final)] if final.endswith(pname) else [tmp]
+                files.append(os.path.dirname(final))
+        mds_files = [f for f in files if f.endswith((".mds", "index.json")) and "/mds/" in f]
+        assert len(mds_files) == 2, files
+        missing = [f for f in files if os.path.realpath(f) not in synced]
+        assert not missing, f"{pname}: not fsynced before its record: {missing}"
+        checked += 1
+    assert checked == 3

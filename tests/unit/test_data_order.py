@@ -158,3 +158,21 @@ def test_audit_log_has_each_ranks_keys_per_step(tmp_path):
         assert [audit[r][s] for s in range(3)] == got[r]
     line = json.loads((run / "audit" / "rank1.jsonl").read_text().splitlines()[0])
     assert line == {"step": 0, "keys": got[1][0]}
+
+
+def test_memory_labels_are_range_checked(tmp_path):
+    from mpdit_dist.data import MemorySource
+
+    x = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    for y, extra, match in (([0, 1, -1, 0], {}, r"y\[2\] = -1 is outside \[0, num_classes=2\)"),
+                            ([0, 1, 2, 0], {"num_classes": 2}, r"y\[2\] = 2 is outside \[0, num_classes=2\)"),
+                            ([0.0, 1.5, 0.0, 1.0], {}, "y must hold integer class indices")):
+        path = tmp_path / "bad.npz"
+        np.savez(path, x=x, y=np.array(y), **extra)
+        with pytest.raises(ValueError, match=match):
+            MemorySource(str(path))
+    nan = x.copy()
+    nan[3, 0, 1, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=nan, y=np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match=r"nan.npz: x\[3\] is not finite"):
+        MemorySource(str(tmp_path / "nan.npz"))

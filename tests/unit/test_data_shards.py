@@ -1,6 +1,9 @@
 """The MDS and WebDataset readers on shards written by data_prep (real files, simulated ranks)."""
 import json
+import shutil
 from collections import Counter
+
+import numpy as np
 
 import pytest
 import torch
@@ -10,7 +13,8 @@ from data_prep.fixtures import save_tiny_vae, write_digits_image_folder, write_t
 from mpdit_dist.config import DataConfig
 from tests.helpers.data import global_batches
 from mpdit_dist.data import build_loader, denormalize, read_manifest, sample_seed
-from mpdit_dist.data.sources import open_source
+from mpdit_dist.data import manifest as mf
+from mpdit_dist.data.sources import ShardReadError, open_source
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +130,9 @@ def test_remote_store_through_the_local_cache(digits, tmp_path, fmt):
     cache = tmp_path / "cache"
     remote, _ = global_batches(_cfg("", fmt, 12, remote=str(digits), cache_dir=str(cache)), 2, steps=5)
     _same(local, remote)
-    assert (cache / "manifest.json").is_file()
-    sub = cache / fmt
+    data_id = mf.dataset_id(read_manifest(digits))
+    assert (cache / data_id / "manifest.json").is_file()  # the cache is keyed by the dataset
+    sub = cache / data_id / fmt
     assert any(sub.rglob("*.mds" if fmt == "mds" else "*.tar"))
     assert not [p for p in cache.rglob("*.part")]  # downloads land atomically
 
@@ -147,3 +152,132 @@ def test_wrong_format_or_path_is_named(digits, tmp_path):
                    "identity", "wds", 10, progress=False)
     with pytest.raises(ValueError, match="data.format='mds'.*formats \\['wds'\\]"):
         build_loader(_cfg(tmp_path / "only_wds", "mds", 4), rank=0, world_size=1, seed=0)
+
+
+def _small(path, n=8, c=2, seed=0, formats=("mds", "wds")):
+    from data_prep.encode import write_latents
+
+    lat = np.random.default_rng(seed).normal(size=(n, c, 4, 4)).astype(np.float32)
+    write_latents(path, {"latent": lat}, np.arange(n) % 2, ["a", "b"], 4, formats=formats)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_a_reused_cache_dir_serves_the_new_dataset(digits, tmp_path, fmt):
+    """One cache directory, two remotes (or a remote whose content changed): the second open reads
+    the second dataset, never the first one's cached manifest or shards."""
+    cache = str(tmp_path / "cache")
+    a = open_source(fmt, "", remote=str(digits), cache_dir=cache)
+    assert a.num_samples == 50
+    a.read(49)
+    other = _small(tmp_path / "other")
+    b = open_source(fmt, "", remote=str(other), cache_dir=cache)
+    assert b.num_samples == 8 and b.manifest["latent_shape"] == [2, 4, 4]
+    want = open_source(fmt, str(other))
+    for i in range(8):
+        assert np.array_equal(b.read(i)["latent"], want.read(i)["latent"])
+    # the remote is rewritten in place with other content: the manifest is fetched again
+    shutil.rmtree(other)
+    _small(other, n=6, seed=1)
+    c = open_source(fmt, "", remote=str(other), cache_dir=cache)
+    assert c.num_samples == 6
+    assert np.array_equal(c.read(5)["latent"], open_source(fmt, str(other)).read(5)["latent"])
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_a_corrupt_remote_shard_is_not_cached(tmp_path, fmt):
+    remote = _small(tmp_path / "remote")
+    shard = remote / ("mds/part-000001/shard.00000.mds" if fmt == "mds" else "wds/shard-000001.tar")
+    data = bytearray(shard.read_bytes())
+    data[-300] ^= 0xFF  # same size: the sha256 check on download catches it
+    shard.write_bytes(bytes(data))
+    src = open_source(fmt, "", remote=str(remote), cache_dir=str(tmp_path / "cache"))
+    src.read(0)
+    with pytest.raises(ShardReadError, match="sha256 .* differs from the manifest's"):
+        src.read(5)
+    rel = shard.relative_to(remote).as_posix()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.as_posix().endswith(rel)]
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
+def _corrupt(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[:-10]
+    else:  # 0xff bytes: a float16 NaN pattern, inside the last sample's latent
+        data[-60:-30] = b"\xff" * 30
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["mds-truncate", "mds-garbage", "wds-truncate", "wds-garbage"])
+def test_corrupt_shards_are_named(tmp_path, case):
+    fmt, how = case.split("-")
+    root = _small(tmp_path / "d")
+    name = "mds/part-000001/shard.00000.mds" if fmt == "mds" else "wds/shard-000001.tar"
+    if fmt == "wds" and how == "garbage":
+        # the tar ends in padding: aim at the last sample's latent through the index
+        idx = json.loads((root / "wds/shard-000001.idx.json").read_text())
+        m = idx["members"].index("latent.npy")
+        end = idx["offsets"][-1][m] + idx["sizes"][-1][m]
+        data = bytearray((root / name).read_bytes())
+        data[end - 30:end] = b"\xff" * 30
+        (root / name).write_bytes(bytes(data))
+    else:
+        _corrupt(root / name, how)
+    cfg = _cfg(root, fmt, 8, shuffle=False, normalize=False)
+    if how == "truncate":
+        with pytest.raises(ShardReadError, match=f"{name}: .* bytes, .* says"):
+            next(build_loader(cfg, rank=0, world_size=1, seed=0))
+    else:
+        with pytest.raises(ValueError, match=f"{name}: sample 7 \\(key 000000007\\) gives a non-finite latent"):
+            next(build_loader(cfg, rank=0, world_size=1, seed=0))
+    with pytest.raises(ValueError, match=f"{name}: sha256 differs"):
+        mf.verify_checksums(root)
+
+
+def test_a_bad_wds_index_is_named(tmp_path):
+    root = _small(tmp_path / "d", formats=("wds",))
+    idx_path = root / "wds/shard-000001.idx.json"
+    text = idx_path.read_text()
+    idx_path.write_text(text.replace('"members":["cls",', '"members":["xcls",'))
+    with pytest.raises(ShardReadError, match=r"shard-000001.idx.json: invalid WebDataset index .*lack \['cls'\]"):
+        open_source("wds", str(root)).read(5)
+    idx = json.loads(text)
+    idx["offsets"][2][0] = idx["tar_size"] + 10
+    idx_path.write_text(json.dumps(idx))
+    with pytest.raises(ShardReadError, match="shard-000001.idx.json: .*reach past the tar"):
+        open_source("wds", str(root)).read(5)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_wds_records_must_have_the_manifest_shape_and_dtype(tmp_path, bad):
+    """A tar whose flipped latents have another shape (or dtype) than the manifest says: the read
+    fails naming the tar and the key, instead of numpy broadcasting them into the batch."""
+    from data_prep.encode import _commit_shard, finalize
+
+    n = 8
+    lat = np.random.default_rng(0).normal(size=(n, 2, 4, 4)).astype(np.float16)
+    root = tmp_path / "d"
+    from data_prep.encode import write_latents
+
+    write_latents(root, {"latent": lat, "flip_latent": lat}, np.zeros(n, dtype=int), ["a"], 4, formats=["wds"])
+    # rewrite shard 1 with the encoder's own writer, one sample's flip_latent off
+    samples = []
+    for i in range(4, 8):
+        flip = lat[i]
+        if i == 6:
+            flip = lat[i, :1] if bad == "shape" else lat[i].astype(np.float32)
+        samples.append({"key": mf.sample_key(i), "label": 0, "path": "", "latent": lat[i], "flip_latent": flip})
+    stats = json.loads((root / "parts/part-000001.json").read_text())["stats"]
+    _commit_shard(root, 1, {"samples": samples, "failures": [], "stats": stats}, ["wds"],
+                  ["latent", "flip_latent"], [2, 4, 4], 4, 4, kill_now=False)
+    finalize(root)
+    src = open_source("wds", str(root))
+    src.read(5)
+    want = "float16\\[1, 4, 4\\]" if bad == "shape" else "float32\\[2, 4, 4\\]"
+    with pytest.raises(ShardReadError, match=f"shard-000001.tar: sample 6 \\(key 000000006\\) field 'flip_latent' "
+                                             f"is {want}, the manifest says float16\\[2, 4, 4\\]"):
+        src.read(6)
+    with pytest.raises(ShardReadError, match="key 000000006"):
+        ld = build_loader(_cfg(root, "wds", 8, shuffle=False), rank=0, world_size=1, seed=0)
+        next(ld)
