@@ -70,8 +70,14 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily put the EMA weights into ``model`` (shard by shard), e.g. to sample."""
+        """Temporarily put the EMA weights into ``model`` (shard by shard), e.g. to sample.
+
+        Under FSDP2 the copies go into the sharded parameters, so every FSDP module is resharded on
+        the way in and out: an unsharded copy left by a forward without backward (the root, or any
+        module with ``reshard_after_forward=False``) would otherwise keep the other weights, and the
+        next forward would use them without gathering again."""
         params = list(model.parameters())
+        _reshard(model)
         with torch.no_grad():
             backup = [_local(p.detach()).clone() for p in params]
             for p, s in zip(params, self.shadow):
@@ -79,6 +85,21 @@ class EMA:
         try:
             yield model
         finally:
+            _reshard(model)
             with torch.no_grad():
                 for p, b in zip(params, backup):
                     _local(p.detach()).copy_(b)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters of every FSDP2 module of ``model`` (no-op without FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -30,6 +30,15 @@ def test_two_ranks_match_one(tmp_path, npz, reference, backend):
     _close(reference, losses(tmp_path / "run"), rel=1e-6)
 
 
+def test_sampling_between_steps_changes_no_training_step(tmp_path, npz, reference):
+    """FSDP2 samples from the EMA weights every 2 steps (no module resharded after forward): the
+    training steps after each sample must use the trained weights, not unsharded EMA leftovers."""
+    train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "parallel.reshard_after_forward=false",
+                                          "train.sample_every=2", "train.sample_steps=2"], nproc=2)
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) >= 2
+    _close(reference, losses(tmp_path / "run"), rel=1e-6)
+
+
 def test_fsdp2_single_rank_and_accumulation(tmp_path, npz, reference):
     train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "data.micro_batch_size=3"], nproc=2)
     _close(reference, losses(tmp_path / "run"), rel=1e-6)
