@@ -11,9 +11,24 @@ Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``:
 
 Atomicity: every rank writes into ``tmp-step_XXXXXXXX``; once all ranks are done (barrier) and
 ``COMPLETE.json`` is in place, rank 0 renames the directory to its final name in one ``rename``.
-A crash at any moment leaves either the previous checkpoints or a ``tmp-`` directory that resume
-ignores and deletes. Resume takes the newest complete checkpoint by step number, verifies the
-checksums and falls back to the one before, with a warning, when it is damaged.
+A crash at any moment leaves either the previous checkpoints or a ``tmp-`` directory. At the next
+start, a ``tmp-`` directory whose write had finished (DCP's ``.metadata``, which DCP writes only
+after every rank's shards, plus ``trainer.json`` and every rank's RNG file: an async save, or a
+save killed between its write and its rename) is checksummed and made visible; any other is
+deleted with a warning. Resume takes the newest complete checkpoint by step number, verifies the
+checksums and falls back to the one before, with a warning, when it is damaged; when every
+checkpoint is damaged it stops with an error that names them, and deletes nothing.
+
+One history per run directory: the checkpoints of a run directory are steps of one run.
+:meth:`CheckpointManager.refuse_existing` stops a second run from starting in a directory that
+holds checkpoints (``--resume never``, or a checkpoint of another directory); after a resume from
+an older checkpoint of the same directory (an explicit ``--resume PATH``, or a fallback past
+damaged checkpoints), :meth:`CheckpointManager.supersede_after` moves the later checkpoints aside
+into ``checkpoints/superseded-<time>/``, kept for the user but out of resume and retention.
+
+Rank 0 alone does the file work (verification, manifest, renames); :func:`on_rank0` broadcasts its
+outcome, so an error there is raised on every rank instead of leaving the others waiting at the
+next collective.
 """
 from __future__ import annotations
 
@@ -24,6 +39,7 @@ import random
 import re
 import shutil
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +60,24 @@ COMPLETE = "COMPLETE.json"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def on_rank0(rank: int, fn: Callable[[], Any]) -> Any:
+    """Collective: ``fn()`` on rank 0, its result returned on every rank. An exception in ``fn``
+    is raised on every rank (rank 0 re-raises it, the others raise a :class:`CheckpointError` with
+    its message), so no rank is left waiting at a later collective for a rank that has failed."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - every error must reach the other ranks
+            error = exc
+    result, message = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise CheckpointError(f"rank 0 failed: {message}")
+    return result
 
 
 def fault_point(name: str, step: int) -> None:
@@ -80,7 +114,7 @@ def _crc32(path: Path) -> int:
 
 
 def _files(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file() and p.name != COMPLETE)
+    return sorted(p for p in d.rglob("*") if p.is_file() and p.name not in (COMPLETE, COMPLETE + ".tmp"))
 
 
 def write_manifest(d: Path) -> None:
@@ -94,7 +128,15 @@ def write_manifest(d: Path) -> None:
 
 
 def verify(d: Path) -> Optional[str]:
-    """None when the checkpoint is complete and intact, else what is wrong."""
+    """None when the checkpoint is complete and intact, else what is wrong (an unreadable file
+    included: an ``OSError`` is a reason, never an exception)."""
+    try:
+        return _verify(d)
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
+
+def _verify(d: Path) -> Optional[str]:
     meta = d / COMPLETE
     if not meta.is_file():
         return f"{meta.name} missing"
@@ -111,6 +153,20 @@ def verify(d: Path) -> Optional[str]:
         if _crc32(p) != info["crc32"]:
             return f"{rel} checksum mismatch"
     return None
+
+
+def write_finished(d: Path) -> Optional[str]:
+    """None when every rank's part of the save in ``d`` (a ``tmp-`` directory) is on disk, else what
+    is missing. DCP writes ``.metadata`` once every rank's shards are written; each rank writes its
+    RNG file and rank 0 ``trainer.json`` (and the DeepSpeed files) before DCP starts."""
+    try:
+        if not (d / ".metadata").is_file():
+            return "tensor shards incomplete (.metadata missing)"
+        world = int(json.loads((d / "trainer.json").read_text())["world_size"])
+        missing = [f"rng/rank{r}.pt" for r in range(world) if not (d / "rng" / f"rank{r}.pt").is_file()]
+        return f"{', '.join(missing)} missing" if missing else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"trainer.json unreadable: {exc}"
 
 
 def code_version(repo: Path | None = None) -> dict[str, Any]:
@@ -162,6 +218,7 @@ class CheckpointManager:
     keep_every: int = 0
     _pending: Optional[tuple] = field(default=None, repr=False)  # (step, tmp, final, future) not yet visible
     _group: Any = field(default=None, repr=False)  # gloo group of the async writes
+    _verified: Optional[Path] = field(default=None, repr=False)  # just verified by find_latest (rank 0)
 
     @property
     def root(self) -> Path:
@@ -179,21 +236,23 @@ class CheckpointManager:
         ``async_save``: the tensors are staged to host memory and written by a background thread
         (``dcp.async_save`` on its own gloo process group), so training goes on while the disk
         works; the checkpoint becomes visible (manifest + rename) at the next ``save`` or at
-        ``finalize()``. Until then it is a ``tmp-`` directory that resume ignores."""
+        ``finalize()``, or, when the process dies first, at the next start (:meth:`clean_partial`)
+        if its write had finished. Until then it is a ``tmp-`` directory that resume ignores."""
         self.finalize()
         final = self.root / step_dir_name(step)
         tmp = self.root / ("tmp-" + step_dir_name(step))
-        if self.rank == 0:
+
+        def prepare() -> None:
             if final.exists():  # a re-save of the same step (e.g. end of run right after a periodic save)
                 shutil.rmtree(final)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier()
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
-        if self.rank == 0:
             with open(tmp / "trainer.json", "w") as f:
                 json.dump(trainer_state, f, indent=1, default=str)
+
+        on_rank0(self.rank, prepare)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
         if extra_writer is not None:
             extra_writer(tmp)
         if async_save:
@@ -223,11 +282,26 @@ class CheckpointManager:
             future.result()
         fault_point("save", step)
         barrier()
-        if self.rank == 0:
+
+        def publish() -> None:
             write_manifest(tmp)
             os.replace(tmp, final)
             self._retain(step)
-        barrier()
+
+        on_rank0(self.rank, publish)
+
+    def wait_pending(self, timeout_s: float = 600.0) -> None:
+        """This rank only (no collective, safe on an error path): wait for a pending async write to
+        reach the disk, so that the next start can make it visible (:meth:`clean_partial`) instead
+        of the process exit (and the process-group teardown) cutting it off."""
+        if self._pending is None or self._pending[3] is None:
+            return
+        step, tmp, _, future = self._pending
+        self._pending = None
+        try:
+            future.result(timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - already on an error path; the next start decides
+            log.warning("async checkpoint %s did not finish writing: %s", tmp, exc)
 
     def _retain(self, newest: int) -> None:
         ckpts = list_checkpoints(self.root)
@@ -241,41 +315,120 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------------------
     def clean_partial(self) -> None:
-        """Remove temp directories left by a crash mid-save (rank 0, before anyone saves)."""
-        if self.rank == 0 and self.root.is_dir():
-            for p in self.root.glob("tmp-step_*"):
-                log.warning("removing incomplete checkpoint %s (a save was interrupted)", p)
-                shutil.rmtree(p, ignore_errors=True)
-        barrier()
+        """Collective, before anyone saves or resumes: make visible each ``tmp-`` directory whose
+        write had finished (see :func:`write_finished`; an async save whose process died before its
+        rename), remove the others (a save that was interrupted)."""
+
+        def clean() -> None:
+            if not self.root.is_dir():
+                return
+            for p in sorted(self.root.glob("tmp-step_*")):
+                final = self.root / p.name[len("tmp-"):]
+                problem = "a complete checkpoint of that step exists" if final.exists() else write_finished(p)
+                if problem is None:
+                    write_manifest(p)
+                    os.replace(p, final)
+                    log.warning("checkpoint %s had been written but not made visible (the run stopped "
+                                "first): checksummed and renamed to %s", p, final.name)
+                else:
+                    log.warning("removing incomplete checkpoint %s (a save was interrupted: %s)", p, problem)
+                    shutil.rmtree(p, ignore_errors=True)
+
+        on_rank0(self.rank, clean)
+
+    def refuse_existing(self, why: str) -> None:
+        """Collective: raise when this run directory already holds checkpoints, so that a second
+        run (``why``: e.g. ``--resume never``) never mixes its checkpoints with another run's, and
+        a later ``--resume auto`` never continues the wrong one."""
+        found = on_rank0(self.rank, lambda: [str(p) for _, p in list_checkpoints(self.root)])
+        if found:
+            raise CheckpointError(
+                f"run directory {self.run_dir} already holds {len(found)} checkpoint(s) "
+                f"(newest: {found[0]}); {why} would start a second run in it. Choose another --run-dir, "
+                f"continue that run with --resume auto, or remove {self.root}"
+            )
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` is a checkpoint directory of this run directory."""
+        return Path(path).resolve().parent == self.root.resolve()
+
+    def supersede_after(self, step: int) -> Optional[Path]:
+        """Collective, after a resume at ``step``: move the checkpoints of later steps (the future
+        of an older history: left behind by an explicit ``--resume PATH`` of an older checkpoint, or
+        damaged ones skipped by the fallback) into ``checkpoints/superseded-<time>/``, out of the
+        way of resume and retention, so that the new checkpoints never mix with them. Returns that
+        directory, or None when there was nothing to move."""
+
+        def move() -> Optional[str]:
+            later = [p for s, p in list_checkpoints(self.root) if s > step]
+            if not later:
+                return None
+            aside = self.root / time.strftime("superseded-%Y%m%d-%H%M%S")
+            aside.mkdir()
+            for p in later:
+                os.replace(p, aside / p.name)
+            log.warning("resumed at step %d: moved the %d later checkpoint(s) of this run directory (%s) "
+                        "aside into %s", step, len(later), ", ".join(p.name for p in later), aside)
+            return str(aside)
+
+        aside = on_rank0(self.rank, move)
+        return Path(aside) if aside else None
 
     def find_latest(self) -> Optional[Path]:
-        """Newest intact checkpoint (rank 0 verifies; all ranks get the same answer)."""
-        choice = None
-        if self.rank == 0:
-            for step, path in list_checkpoints(self.root):
+        """Newest intact checkpoint (rank 0 verifies; all ranks get the same answer). None when
+        there is no checkpoint at all; a :class:`CheckpointError` naming each checkpoint and what is
+        wrong with it when there are checkpoints but none is intact (never a silent restart)."""
+
+        def choose() -> Optional[str]:
+            damaged = []
+            for _, path in list_checkpoints(self.root):
                 problem = verify(path)
                 if problem is None:
-                    choice = str(path)
-                    break
+                    self._verified = path
+                    return str(path)
+                damaged.append(f"{path} ({problem})")
                 log.warning("checkpoint %s is damaged (%s); falling back to the one before", path, problem)
-        choice = broadcast_object(choice)
+            if damaged:
+                raise CheckpointError(
+                    f"every checkpoint in {self.root} is damaged: {'; '.join(damaged)}. Nothing was deleted; "
+                    f"repair or remove them, or resume from another checkpoint with --resume PATH"
+                )
+            return None
+
+        choice = on_rank0(self.rank, choose)
         return Path(choice) if choice else None
 
     def load(self, path: Path, tensors: dict[str, Any],
-             extra_reader: Optional[Callable[[Path], None]] = None) -> dict[str, Any]:
+             extra_reader: Optional[Callable[[Path], None]] = None,
+             check: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
         """Load ``tensors`` in place (DCP reshards to this run's layout); returns trainer.json.
-        ``extra_reader(path)``, called on every rank after the verification, reads what an
-        ``extra_writer`` wrote."""
-        if self.rank == 0:
-            problem = verify(path)
+
+        Rank 0 verifies the checkpoint (unless :meth:`find_latest` just did) and reads trainer.json;
+        every rank then gets it, or raises rank 0's error. ``check(trainer_state)``, called on every
+        rank before any tensor is read, raises when this run cannot load the checkpoint (another
+        backend or model). ``extra_reader(path)``, called on every rank after the verification,
+        reads what an ``extra_writer`` wrote."""
+        path = Path(path)
+
+        def read() -> dict[str, Any]:
+            problem = None if path == self._verified else verify(path)
             if problem is not None:
                 raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-        barrier()
+            return json.loads((path / "trainer.json").read_text())
+
+        state = on_rank0(self.rank, read)
+        if check is not None:
+            check(state)
         dcp.load(tensors, checkpoint_id=str(path))
         if extra_reader is not None:
             extra_reader(path)
-        state = json.loads((path / "trainer.json").read_text())
         rng = path / "rng" / f"rank{self.rank}.pt"
-        if rng.is_file() and state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if state.get("world_size") != world:
+            if self.rank == 0:
+                log.info("checkpoint %s was written by %s ranks, this run has %d: RNG states not restored "
+                         "(training draws its randomness from (seed, step), so the run is unaffected)",
+                         path, state.get("world_size"), world)
+        elif rng.is_file():
             set_rng_state(torch.load(rng, weights_only=True))
         return state

@@ -123,6 +123,8 @@ class Trainer:
         self.step = 0
         self.tracker = None
         self.engine = None  # DeepSpeed engine, when that backend is used
+        self.ckpt = CheckpointManager(self.run_dir, rank=self.dist.rank, keep_last=cfg.checkpoint.keep_last,
+                                      keep_every=cfg.checkpoint.keep_every)
 
     # -------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -179,8 +181,6 @@ class Trainer:
             self.ema = make_ema(self)  # sharded like ZeRO-3's partitions, at every stage
         else:
             self.ema = EMA(self.raw_model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
-        self.ckpt = CheckpointManager(self.run_dir, rank=d.rank, keep_last=cfg.checkpoint.keep_last,
-                                      keep_every=cfg.checkpoint.keep_every)
         self.peak_flops = device_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
 
     def _check_data_fits_model(self) -> None:
@@ -231,6 +231,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch_size": self.cfg.data.global_batch_size,
             "backend": self.backend,
+            "model_args": asdict(self.model_args),
             "config": C.to_dict(self.cfg),
             "manifest": self.manifest,
             "code": code_version(),
@@ -252,26 +253,45 @@ class Trainer:
             log.info("saved checkpoint %s", path)
         return path
 
-    def maybe_resume(self) -> None:
+    def check_run_dir(self) -> None:
+        """Before anything is written into the run directory (collective): finish what a crash left
+        (:meth:`CheckpointManager.clean_partial`), and refuse to start a second run in a directory
+        that holds checkpoints: ``--resume never``, or ``--resume PATH`` of another directory's
+        checkpoint. (``--resume PATH`` of an older checkpoint of this directory is a decision to go
+        back: the later checkpoints are moved aside after the load, see :meth:`maybe_resume`.)"""
         self.ckpt.clean_partial()
         if self.resume == "never":
+            self.ckpt.refuse_existing("--resume never")
+        elif self.resume != "auto" and not self.ckpt.holds(Path(self.resume)):
+            self.ckpt.refuse_existing(f"--resume {self.resume} (a checkpoint of another run directory)")
+
+    def maybe_resume(self) -> None:
+        """Load the checkpoint that ``resume`` names (``auto``: the newest intact one of this run
+        directory). Checkpoints of later steps in this directory (skipped as damaged, or the future
+        of an older ``--resume PATH``) are then moved into ``checkpoints/superseded-<time>/``: one
+        history per run directory."""
+        if self.resume == "never":
             return
-        path = Path(self.resume) if self.resume not in ("auto", "never") else self.ckpt.find_latest()
+        path = Path(self.resume) if self.resume != "auto" else self.ckpt.find_latest()
         if path is None:
             return
         state = self._tensor_state()
-        tstate = self.ckpt.load(path, state, extra_reader=self._engine_io()[1])
+        tstate = self.ckpt.load(path, state, extra_reader=self._engine_io()[1],
+                                check=lambda t: self._check_resumable(t, path))
         self._set_tensor_state(state)
-        self._check_resumable(tstate, path)
         self.step = int(tstate["step"])
         if self.scheduler is not None and tstate.get("scheduler"):
             self.scheduler.load_state_dict(tstate["scheduler"])
         self.loader.load_state_dict(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
+        if self.ckpt.holds(path):
+            self.ckpt.supersede_after(self.step)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step,
                      tstate.get("world_size", 0), self.dist.world_size)
 
     def _check_resumable(self, tstate: dict[str, Any], path: Path) -> None:
+        """Raise, naming the checkpoint and the keys, when this run cannot continue it. Called on
+        every rank with rank 0's trainer.json, before any tensor is read."""
         old = tstate.get("global_batch_size")
         if old != self.cfg.data.global_batch_size and not self.cfg.checkpoint.allow_batch_change:
             raise C.ConfigError(
@@ -279,6 +299,33 @@ class Trainer:
                 f"{self.cfg.data.global_batch_size}: resuming would change the data order and the optimisation. "
                 f"Set checkpoint.allow_batch_change=true to continue anyway."
             )
+        # none, DDP and FSDP2 save the same DCP state (get_state_dict), so they resume each other;
+        # DeepSpeed keeps weights and optimizer in its own files and shards the EMA flat
+        saved = tstate.get("backend")
+        if saved is not None and (saved == "deepspeed") != (self.backend == "deepspeed"):
+            raise C.ConfigError(
+                f"checkpoint {path} was written with parallel.backend={saved}, this run has "
+                f"parallel.backend={self.backend}: DeepSpeed checkpoints and those of the other backends "
+                f"(none, ddp, fsdp2) cannot load each other. Resume with parallel.backend={saved}, or "
+                f"start a new run dir with train.init_from=<exported weights>"
+            )
+        saved_args = tstate.get("model_args")
+        if saved_args is None and tstate.get("config"):  # written before model_args was recorded
+            try:
+                saved_args = asdict(C.model_args_from(C.from_dict(tstate["config"]).model))
+            except Exception:  # noqa: BLE001 - an old config that no longer parses: DCP will tell
+                saved_args = None
+        if saved_args is not None:
+            # the attention kernel is a choice of implementation, not of weights
+            mine = json.loads(json.dumps(asdict(self.model_args)))
+            saved_args = json.loads(json.dumps(saved_args))
+            diff = [f"model.{k}={saved_args.get(k)} there, {v} here" for k, v in mine.items()
+                    if k != "attention" and k in saved_args and saved_args[k] != v]
+            if diff:
+                raise C.ConfigError(
+                    f"checkpoint {path} holds another model architecture: {'; '.join(diff)}. "
+                    f"Resume with the checkpoint's model settings, or start a new run dir"
+                )
 
     # -------------------------------------------------------------------------------------------
     @property
@@ -430,7 +477,8 @@ class Trainer:
         return scalars
 
     def fit(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.dist
+        d = self.dist
+        self.check_run_dir()
         self.build()
         self.maybe_resume()
         self.tracker = self._make_tracker()
@@ -440,6 +488,9 @@ class Trainer:
         try:
             status = self._loop()
         except BaseException:
+            # no collective here (the other ranks may be elsewhere): let a pending async write reach
+            # the disk, and the next start make it visible
+            self.ckpt.wait_pending()
             if self.tracker:
                 self.tracker.close("FAILED")
                 self.tracker = None

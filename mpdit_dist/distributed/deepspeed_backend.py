@@ -41,8 +41,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import config as C
+from ..checkpoint import on_rank0
 from ..ema import EMA, clean_name
-from .env import DistInfo, barrier
+from .env import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -413,8 +414,8 @@ def load_engine(trainer, ckpt_dir: Path) -> None:
         if trainer.dist.is_main:
             log.info("checkpoint %s was written by %d ranks, this run has %d: loading it through "
                      "DeepSpeed's universal format", ckpt_dir, saved_world, trainer.dist.world_size)
-            to_universal(ckpt_dir)
-        barrier()
+        # rank 0 converts; a failure there (e.g. a read-only checkpoint) is raised on every rank
+        on_rank0(trainer.dist.rank, lambda: to_universal(ckpt_dir))
         # the engine reads this switch when loading only; DeepSpeed has no argument for it
         engine._config.load_universal_checkpoint = True
         try:

@@ -1,8 +1,16 @@
 """Sharded, atomic checkpoints under real crashes (SIGKILL), damage and world-size changes (FSDP2)."""
+import datetime
+import json
+import os
 import shutil
+import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tests.helpers.runs import losses, train
 
@@ -73,7 +81,8 @@ def test_damaged_newest_falls_back(tmp_path, npz, reference, caplog):
 def test_world_size_2_to_1_to_3(tmp_path, npz, reference):
     run = tmp_path / "run"
     train(run, npz, COMMON + ["train.steps=4"], nproc=2)
-    train(run, npz, COMMON + ["train.steps=7"], nproc=0)
+    proc = train(run, npz, COMMON + ["train.steps=7"], nproc=0)
+    assert "written by 2 ranks, this run has 1: RNG states not restored" in proc.stderr
     train(run, npz, COMMON + ["train.steps=10"], nproc=3)
     got, ref = losses(run), losses(reference)
     assert sorted(got) == list(range(1, 11))
@@ -127,3 +136,124 @@ def test_async_save_and_retention(tmp_path, npz, reference):
     wb, _ = _weights(reference)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_finished_async_save_survives_a_crash(tmp_path, npz, reference):
+    """An async checkpoint whose write finished but which was not made visible yet (killed before
+    its manifest and rename) is made visible at the next start, not deleted."""
+    run = tmp_path / "run"
+    common = COMMON + ["train.steps=10", "checkpoint.async_save=true"]
+    # the finalisation of step 4 runs at the save of step 6, after step 4's write; killed there
+    assert train(run, npz, common, nproc=2, fault="save:4", check=False).returncode != 0
+    assert (run / "checkpoints" / "tmp-step_00000004" / ".metadata").is_file()
+    assert not (run / "checkpoints" / "step_00000004").exists()
+    proc = train(run, npz, common, nproc=2)
+    assert "renamed to step_00000004" in proc.stderr, proc.stderr[-3000:]
+    assert str(run / "checkpoints" / "step_00000004") in proc.stderr and "at step 4" in proc.stderr
+    assert losses(run) == losses(reference)
+    assert not list((run / "checkpoints").glob("tmp-*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors on rank 0 reach every rank (2 gloo ranks, real files)
+# ------------------------------------------------------------------------------------------------
+
+PG_TIMEOUT_S = 20  # a rank left waiting for rank 0 fails only after this
+PROMPT_S = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank0_errors_worker(rank, port, root, out):
+    from mpdit_dist.checkpoint import COMPLETE, CheckpointManager
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    root = Path(root)
+    results = {}
+
+    def attempt(name, fn):
+        dist.barrier()
+        t0 = time.monotonic()
+        try:
+            results[name] = ["returned", str(fn()), 0.0]
+        except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+            results[name] = [type(exc).__name__, str(exc), 0.0]
+        results[name][2] = time.monotonic() - t0
+
+    def tensors():
+        return {"w": torch.arange(4.0)}
+
+    def state(step):
+        return {"step": step, "world_size": 2}
+
+    try:
+        # a checkpoint path that does not exist
+        m = CheckpointManager(root / "a", rank=rank)
+        attempt("load_missing", lambda: m.load(m.root / "step_00000100", tensors()))
+        # find_latest: an unreadable file (EIO) is a damaged checkpoint; fall back to the one before
+        m = CheckpointManager(root / "b", rank=rank)
+        m.save(1, tensors(), state(1))
+        m.save(2, tensors(), state(2))
+        if rank == 0:
+            (m.root / "step_00000002" / COMPLETE).unlink()
+            (m.root / "step_00000002" / COMPLETE).symlink_to("/proc/self/mem")
+        attempt("find_latest_eio", m.find_latest)
+        # ... and when every checkpoint is damaged, an error on every rank
+        if rank == 0:
+            (m.root / "step_00000001" / COMPLETE).unlink()
+            (m.root / "step_00000001" / COMPLETE).symlink_to("/proc/self/mem")
+        attempt("find_latest_all_damaged", m.find_latest)
+        # the manifest cannot be written when an async save is made visible
+        m = CheckpointManager(root / "c", rank=rank)
+        m.save(3, tensors(), state(3), async_save=True)
+        if rank == 0:
+            (m.root / "tmp-step_00000003" / (COMPLETE + ".tmp")).mkdir()
+        attempt("finalize_manifest", m.finalize)
+        # rank 0 cannot create the checkpoint directory
+        m = CheckpointManager(root / "d", rank=rank)
+        if rank == 0:
+            m.root.parent.mkdir(parents=True)
+            m.root.write_text("not a directory")
+        attempt("save_mkdir", lambda: m.save(4, tensors(), state(4)))
+    finally:
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def test_rank0_errors_raise_on_every_rank_promptly(tmp_path):
+    """What rank 0 alone does (verify, manifest, renames) fails on rank 0 alone: the other rank must
+    raise the same error at once, not wait at the next collective until the process-group timeout."""
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = mp.start_processes(_rank0_errors_worker, args=(_free_port(), str(tmp_path / "runs"), str(out)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 10 * PG_TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the ranks did not finish")
+    r = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    names = ["load_missing", "find_latest_eio", "find_latest_all_damaged", "finalize_manifest", "save_mkdir"]
+    for rank in (0, 1):
+        assert list(r[rank]) == names, r[rank]
+        for name, (_, _, seconds) in r[rank].items():
+            assert seconds < PROMPT_S, (rank, name, r[rank][name])
+    for rank in (0, 1):
+        kind, msg, _ = r[rank]["load_missing"]
+        assert kind == "CheckpointError" and "step_00000100 is damaged: COMPLETE.json missing" in msg, msg
+        kind, msg, _ = r[rank]["find_latest_eio"]
+        assert kind == "returned" and msg.endswith("step_00000001"), msg
+        kind, msg, _ = r[rank]["find_latest_all_damaged"]
+        assert kind == "CheckpointError" and "every checkpoint" in msg, msg
+        assert "step_00000002 (unreadable: [Errno 5]" in msg and "step_00000001 (unreadable" in msg, msg
+        kind, msg, _ = r[rank]["finalize_manifest"]
+        want = "IsADirectoryError" if rank == 0 else "CheckpointError"
+        assert kind == want and "COMPLETE.json.tmp" in msg, (kind, msg)
+        kind, msg, _ = r[rank]["save_mkdir"]
+        assert kind != "returned" and (rank == 0 or "rank 0 failed" in msg), (kind, msg)

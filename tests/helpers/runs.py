@@ -1,7 +1,6 @@
 """Shared helpers: a small real dataset (scikit-learn digits) and training runs in subprocesses."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -42,10 +41,11 @@ def env(extra: dict | None = None) -> dict:
 
 
 def train(run_dir: Path, npz: Path, overrides: list[str], nproc: int = 0, nnodes: int = 1, fault: str | None = None,
-          check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python train.py`` (nproc=0) or ``torchrun --nproc_per_node nproc`` on the demo config."""
+          check: bool = True, timeout: int = 300, resume: str | None = None) -> subprocess.CompletedProcess:
+    """``python train.py`` (nproc=0) or ``torchrun --nproc_per_node nproc`` on the demo config;
+    ``resume``: the ``--resume`` argument (default: train.py's, auto)."""
     args = ["--config", str(REPO / "configs/demo.yaml"), "--run-dir", str(run_dir),
-            f"data.path={npz}", *TINY, *overrides]
+            *(["--resume", str(resume)] if resume is not None else []), f"data.path={npz}", *TINY, *overrides]
     if nproc:
         cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train.py"), *args]
     else:

@@ -136,3 +136,78 @@ def test_init_from_export_warm_starts(tmp_path, npz):
     assert info["step"] == 1
     for k, v in got.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def _steps(run):
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+
+
+def test_second_run_in_a_used_run_dir_is_refused(tmp_path, npz):
+    """--resume never, or a checkpoint of another run dir, into a run dir that holds checkpoints:
+    an error naming the run dir and its newest checkpoint, and nothing in the run dir changes."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(run, npz, ["train.steps=4", "train.ckpt_every=1", "checkpoint.keep_last=2"])
+    train(other, npz, ["train.steps=2", "train.ckpt_every=2"])
+    config = (run / "config.yaml").read_text()
+    before = losses(run)
+    for resume in ("never", str(other / "checkpoints" / "step_00000002")):
+        proc = train(run, npz, ["train.steps=2", "train.ckpt_every=1", "checkpoint.keep_last=2"], resume=resume,
+                     check=False)
+        assert proc.returncode != 0
+        assert f"run directory {run} already holds" in proc.stderr, proc.stderr[-2000:]
+        assert str(run / "checkpoints" / "step_00000004") in proc.stderr and "--run-dir" in proc.stderr
+        assert _steps(run) == [3, 4]
+        assert (run / "config.yaml").read_text() == config and losses(run) == before
+
+
+def test_resume_from_an_older_checkpoint_moves_the_later_ones_aside(tmp_path, npz):
+    """--resume PATH of an older checkpoint of the same run dir goes back in time: the later
+    checkpoints go to checkpoints/superseded-*/, so that neither retention nor --resume auto mixes
+    them with the new ones."""
+    run = tmp_path / "run"
+    common = ["train.ckpt_every=1", "checkpoint.keep_last=3"]
+    train(run, npz, ["train.steps=5", *common])
+    ref = losses(run)
+    proc = train(run, npz, ["train.steps=4", *common], resume=str(run / "checkpoints" / "step_00000003"))
+    assert "at step 3" in proc.stderr and "superseded-" in proc.stderr
+    assert _steps(run) == [3, 4]
+    aside = list((run / "checkpoints").glob("superseded-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000004", "step_00000005"]
+    # auto continues the new history (step 4), not the old one (step 5); exact resume throughout
+    proc = train(run, npz, ["train.steps=6", *common])
+    assert str(run / "checkpoints" / "step_00000004") in proc.stderr and "at step 4" in proc.stderr
+    assert _steps(run) == [4, 5, 6]
+    assert [losses(run)[s] for s in range(1, 6)] == [ref[s] for s in range(1, 6)]
+
+
+def test_every_checkpoint_damaged_stops_and_deletes_nothing(tmp_path, npz):
+    run = tmp_path / "run"
+    train(run, npz, ["train.steps=3", "train.ckpt_every=1", "checkpoint.keep_last=2"])
+    before = losses(run)
+    for step in (2, 3):
+        (run / "checkpoints" / f"step_0000000{step}" / "trainer.json").write_text("{}")
+    proc = train(run, npz, ["train.steps=5", "train.ckpt_every=1", "checkpoint.keep_last=2"], check=False)
+    assert proc.returncode != 0
+    assert "every checkpoint" in proc.stderr, proc.stderr[-2000:]
+    for step in (2, 3):
+        assert f"step_0000000{step} (trainer.json " in proc.stderr
+    assert _steps(run) == [2, 3] and losses(run) == before
+
+
+def test_other_backend_or_model_is_refused_before_loading(tmp_path, npz):
+    """DeepSpeed <-> the DCP backends cannot load each other, nor can another architecture: an error
+    naming the checkpoint and both values. none -> FSDP2 (the same DCP state) resumes."""
+    run = tmp_path / "run"
+    train(run, npz, ["train.steps=2", "train.ckpt_every=2"])
+    ckpt = run / "checkpoints" / "step_00000002"
+    proc = train(run, npz, ["train.steps=4", "parallel.backend=deepspeed"], check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint {ckpt} was written with parallel.backend=none" in proc.stderr, proc.stderr[-2000:]
+    assert "parallel.backend=deepspeed" in proc.stderr
+    proc = train(run, npz, ["train.steps=4", "model.hidden_size=64"], check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint {ckpt} holds another model architecture" in proc.stderr, proc.stderr[-2000:]
+    assert "model.hidden_size=32 there, 64 here" in proc.stderr
+    assert losses(run).keys() == {1, 2}
+    proc = train(run, npz, ["train.steps=3", "parallel.backend=fsdp2"])
+    assert "at step 2" in proc.stderr and max(losses(run)) == 3
