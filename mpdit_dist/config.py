@@ -95,13 +95,14 @@ class TrainConfig:
     sample_sampler: str = "euler"
     eval_every: int = 0  # 0 = off; in-training FID on eval_num_samples
     eval_num_samples: int = 10000
+    eval_cfg_scale: float = 1.5  # the official FID setting (its README: --cfg_scale 1.5), not the grids' scale
     eval_reference: Optional[str] = None  # ADM reference batch (.npz) or its cached statistics
     eval_inception: Optional[str] = None  # local FID-Inception weights (pt_inception-2015-12-05-*.pth)
     eval_input_size: int = 299  # the feature network's input size (299 as ADM; smaller only for tests)
     init_from: Optional[str] = None  # weights-only warm start (safetensors export or official .pt)
     progress_bar: bool = True
     device: str = "auto"  # auto | cpu | cuda
-    profile_memory: bool = True
+    profile_memory: bool = True  # log peak_mem_gib, the peak GPU memory allocated so far (CUDA only)
 
 
 @dataclass
@@ -261,6 +262,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two values in [0, 1)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
+    sharded_forward = cfg.parallel.backend == "fsdp2" or (cfg.parallel.backend == "deepspeed"
+                                                          and cfg.parallel.zero_stage == 3)
+    if cfg.train.eval_every > 0 and cfg.train.sample_sampler == "dopri5" and sharded_forward:
+        # ranks sample different classes in evaluate(); dopri5 picks its step count from the data, so
+        # ranks would run different numbers of forwards, and sharded weights need every rank in each
+        raise ConfigError(f"train.sample_sampler=dopri5 with train.eval_every={cfg.train.eval_every} and "
+                          f"parallel.backend={cfg.parallel.backend}: adaptive steps differ between ranks, whose "
+                          f"sharded forwards must match; use euler, heun or euler_maruyama")
+    if cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage == 3 and cfg.parallel.compile:
+        # ZeRO-3 gathers each module's parameters in hooks that torch.compile may not trace
+        raise ConfigError("parallel.compile=true with parallel.backend=deepspeed and parallel.zero_stage=3: "
+                          "ZeRO-3's parameter hooks cannot be compiled through; use zero_stage<=2, or "
+                          "parallel.backend=fsdp2 for sharded parameters with compile")
     if cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.data.global_batch_size < 1:

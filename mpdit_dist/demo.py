@@ -1,6 +1,7 @@
 """The embedded demo: real images -> latent shards -> training -> samples, on a CPU in minutes.
 
-``python -m mpdit_dist.demo [--steps N] [--out results/demo]`` (``make demo``):
+``python -m mpdit_dist.demo [--out results/demo] [key=value ...]`` (``make demo``; overrides such as
+``train.steps=500`` go to ``configs/demo.yaml``):
 
 1. writes the 1,797 handwritten digits that ship with scikit-learn (8x8 grayscale, 10 classes)
    as PNG files into an ImageFolder tree;

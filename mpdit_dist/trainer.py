@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +45,10 @@ def resolve_backend(cfg: C.Config, world_size: int) -> str:
     b = cfg.parallel.backend
     if b == "auto":
         return "ddp" if world_size > 1 else "none"
+    if b == "none" and world_size > 1:
+        # each rank would train its own replica, never averaged, while the logged loss looked fine
+        raise C.ConfigError(f"parallel.backend=none with {world_size} ranks: the replicas would never synchronise; "
+                            f"use parallel.backend=ddp, fsdp2 or deepspeed (or auto)")
     return b
 
 
@@ -162,7 +167,9 @@ class Trainer:
 
         if self.backend == "deepspeed":
             from .distributed.deepspeed_backend import build_engine
+            from .distributed.parallelize import apply_checkpointing_and_compile
 
+            apply_checkpointing_and_compile(model, cfg.parallel, self.backend)
             self.raw_model = model
             self.engine, self.optimizer, self.scheduler = build_engine(
                 model, cfg, self.dist, self.micro, self.accum, lr_lambda(cfg.optim, cfg.train.steps), self.bf16
@@ -175,6 +182,10 @@ class Trainer:
             self.model = parallelize(model, cfg.parallel, d, self.backend, mixed_precision=self.bf16)
             self.optimizer = build_optimizer(self.raw_model.parameters(), cfg.optim, self.device)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, cfg.train.steps))
+        if d.is_main:
+            from .distributed.parallelize import describe_wrappers
+
+            log.info("model %s, backend %s: %s", cfg.model.name, self.backend, describe_wrappers(self.raw_model))
         if self.engine is not None:
             from .distributed.deepspeed_backend import make_ema
 
@@ -379,6 +390,7 @@ class Trainer:
             else:
                 loss.backward()
             loss_sum += loss.detach()
+        self.last_lr = self.current_lr()  # the rate this step applies (the scheduler moves on below)
         if self.engine is not None:
             self.engine.step()
             grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device)
@@ -451,7 +463,7 @@ class Trainer:
         with self.ema.swapped_into(self.raw_model):
             for i in range(0, per, self.micro):  # every rank runs the same number of forwards (FSDP)
                 chunk = mine[i:i + self.micro] or [0]
-                lat = generate(self.model, self.model_args, chunk, seed=cfg.train.seed + 1, cfg_scale=cfg.train.sample_cfg_scale,
+                lat = generate(self.model, self.model_args, chunk, seed=cfg.train.seed + 1, cfg_scale=cfg.train.eval_cfg_scale,
                                sampler=cfg.train.sample_sampler, steps=cfg.train.sample_steps, device=self.device,
                                bf16=self.autocast_bf16, offset=start + i)
                 if mine[i:i + self.micro]:
@@ -515,7 +527,8 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc="train")
         it = iter(self.loader)
         window_loss = torch.zeros((), device=self.device)
-        window_steps, window_data, t_window = 0, 0.0, time.perf_counter()
+        # window_other: time in sampling, evaluation and checkpointing, which img/s leaves out
+        window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < total:
@@ -530,12 +543,12 @@ class Trainer:
             if step % cfg.train.log_every == 0 or step == total:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                elapsed = time.perf_counter() - t_window
+                elapsed = max(time.perf_counter() - t_window - window_other, 1e-9)
                 loss_v = self._reduce_loss(window_loss / window_steps)
                 img_s = window_steps * cfg.data.global_batch_size / elapsed
                 metrics = {
                     "loss": loss_v,
-                    "lr": self.current_lr(),
+                    "lr": self.last_lr,
                     "grad_norm": float(grad_norm),
                     "img_per_s": img_s,
                     "img_per_s_per_gpu": img_s / d.world_size,
@@ -545,19 +558,15 @@ class Trainer:
                 }
                 if self.peak_flops:
                     metrics["mfu"] = img_s * self.flops_per_image / (self.peak_flops * d.world_size)
-                if self.device.type == "cuda":
+                if self.device.type == "cuda" and cfg.train.profile_memory:
                     metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.tracker.log_metrics(metrics, step=step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{img_s:.0f}")
                 window_loss.zero_()
-                window_steps, window_data, t_window = 0, 0.0, time.perf_counter()
+                window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
-                self.sample_grid()
-            if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
-                self.evaluate()
             stop = preemption.stop_requested()
             # every rank must agree to stop at the same step; the vote is a host sync, so it is
             # taken every STOP_VOTE_EVERY steps (a second or two), not at every step
@@ -568,8 +577,21 @@ class Trainer:
                     stop = bool(flag.item())
                 else:
                     stop = False  # a rank's own flag waits for the next vote
-            if (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop:
-                self.save_checkpoint()
+            sample_due = cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0
+            eval_due = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0
+            ckpt_due = (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop
+            if sample_due or eval_due or ckpt_due:
+                # their time is not the steps': img/s and step_time_s of the window leave it out
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the step's own kernels count for the step
+                t_other = time.perf_counter()
+                if sample_due:
+                    self.sample_grid()
+                if eval_due:
+                    self.evaluate()
+                if ckpt_due:
+                    self.save_checkpoint()
+                window_other += time.perf_counter() - t_other
             if stop:
                 self.ckpt.finalize()  # the preemption checkpoint must be complete before we leave
                 if bar is not None:
@@ -598,6 +620,8 @@ def default_run_dir(cfg: C.Config) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """The ``train.py`` command line. Under a multi-rank launch it ends the process itself once the
+    run is over (see the end), so call :func:`train` rather than this from other Python code."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Train an MPDiT model.",
@@ -611,4 +635,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     result = train(cfg, run_dir, args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written and the process group destroyed. Multi-rank gloo runs were seen to
+        # abort in the interpreter's teardown now and then ("terminate called without an active
+        # exception", SIGABRT), which turned a finished run into a failed job: leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
     return result

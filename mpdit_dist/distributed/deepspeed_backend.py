@@ -93,6 +93,13 @@ def deepspeed_config(cfg: C.Config, world_size: int, micro: int, accum: int, bf1
         "steps_per_print": 2**31 - 1,  # our tracker logs; DeepSpeed's own progress lines would repeat it
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # gradients are reduced in parallel.reduce_dtype (fp32 by default, as FSDP2 does), not in
+        # DeepSpeed's default, the bf16 of the parameters; under ZeRO-1 they also accumulate in fp32
+        # (DeepSpeed's BF16 optimizer; its ZeRO-2/3 keep per-step gradients in the parameters' dtype)
+        ds["communication_data_type"] = cfg.parallel.reduce_dtype
+        if stage == 1:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     path = cfg.parallel.deepspeed_config
     if path:
         p = Path(path)

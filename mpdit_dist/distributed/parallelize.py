@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
 from ..models import MPDiT
 from .env import DistInfo
@@ -87,13 +87,29 @@ def apply_fsdp2(model: MPDiT, dist_info: DistInfo, pcfg, mixed_precision: bool) 
     fully_shard(model, **root_kwargs)
 
 
-def parallelize(model: MPDiT, pcfg, dist_info: DistInfo, backend: str, mixed_precision: bool) -> nn.Module:
-    """Apply the configured wrappers; returns the module the trainer calls."""
+def describe_wrappers(model: MPDiT) -> str:
+    """What :func:`apply_checkpointing_and_compile` did, for the run's log."""
+    blocks = [b for s in model.stages for b in s.blocks]
+    ac = sum(isinstance(b, CheckpointWrapper) for b in blocks)
+    compiled = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    whole = getattr(model, "_compiled_call_impl", None) is not None
+    return (f"activation checkpointing on {ac} of {len(blocks)} blocks; compiled: "
+            + ("the whole forward" if whole else f"{compiled} of {len(blocks)} blocks"))
+
+
+def apply_checkpointing_and_compile(model: MPDiT, pcfg, backend: str) -> None:
+    """The wrappers every backend takes, in place: activation checkpointing, then compile. (The
+    DeepSpeed engine is built around the model after them, as FSDP2 and DDP are.)"""
     apply_activation_checkpointing(model, pcfg.activation_checkpointing, pcfg.ac_every)
     if pcfg.compile:
-        if pcfg.compile_scope == "model" and backend == "fsdp2":
-            raise ValueError("parallel.compile_scope=model is not supported with fsdp2: use blocks")
+        if pcfg.compile_scope == "model" and backend in ("fsdp2", "deepspeed"):
+            raise ValueError(f"parallel.compile_scope=model is not supported with {backend}: use blocks")
         apply_compile(model, pcfg.compile_mode, pcfg.compile_scope)
+
+
+def parallelize(model: MPDiT, pcfg, dist_info: DistInfo, backend: str, mixed_precision: bool) -> nn.Module:
+    """Apply the configured wrappers; returns the module the trainer calls."""
+    apply_checkpointing_and_compile(model, pcfg, backend)
     if backend == "fsdp2":
         apply_fsdp2(model, dist_info, pcfg, mixed_precision)
         return model

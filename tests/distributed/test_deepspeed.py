@@ -120,6 +120,9 @@ def test_generated_config_and_user_override(tmp_path):
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 3} and ds["bf16"] == {"enabled": True}
+    assert ds["communication_data_type"] == "fp32" and "data_types" not in ds  # reduced in parallel.reduce_dtype
+    cfg1 = C.load_config(str(REPO / "configs/demo.yaml"), ["parallel.zero_stage=1"])
+    assert deepspeed_config(cfg1, world_size=4, micro=4, accum=4, bf16=True)["data_types"] == {"grad_accum_dtype": "fp32"}
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": False}}))
@@ -205,7 +208,26 @@ def test_export_gives_the_trained_weights(tmp_path, two_rank_runs, plain):
     assert any(not torch.allclose(raw[k], ema[k], atol=1e-4) for k in raw)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage, compile_", [(2, True), (3, False)])
+def test_activation_checkpointing_and_compile(tmp_path, npz, plain, persist_json, stage, compile_):
+    """parallel.activation_checkpointing and parallel.compile apply under DeepSpeed as under the
+    other backends (wrapped before the engine is built): same losses as the plain run. ZeRO-3 takes
+    activation checkpointing; compile there is refused by the config (its hooks do not compile)."""
+    run = tmp_path / "ac"
+    extra = [f"parallel.deepspeed_config={persist_json}"] if stage == 3 else []
+    proc = train(run, npz, ["train.steps=3", "train.ckpt_every=0", "optim.warmup_steps=0",
+                            f"parallel.zero_stage={stage}", "parallel.activation_checkpointing=full",
+                            f"parallel.compile={str(compile_).lower()}"] + DS + extra, nproc=2)
+    compiled = "3 of 3 blocks" if compile_ else "0 of 3 blocks"
+    assert f"backend deepspeed: activation checkpointing on 3 of 3 blocks; compiled: {compiled}" in proc.stderr
+    assert_losses_close(losses(run), {s: v for s, v in losses(plain).items() if s <= 3}, 1e-5, (1, 2, 3))
+    if stage == 3:
+        refused = train(tmp_path / "c", npz, ["train.steps=1", "parallel.zero_stage=3", "parallel.compile=true"] + DS,
+                        check=False)
+        assert refused.returncode != 0 and "parallel.compile=true with parallel.backend=deepspeed" in refused.stderr
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_close_to_fp32(tmp_path, npz, plain, stage):
     """DeepSpeed's bf16 mode: bf16 parameters, fp32 buffers, and no autocast (the trainer adds
     none under DeepSpeed, as the engine switches CUDA's off): the CPU run takes the CUDA path."""

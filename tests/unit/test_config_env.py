@@ -42,6 +42,16 @@ def test_good_values_pass(override):
     C.load_config(None, [override])
 
 
+def test_adaptive_sampler_refused_for_evaluation_with_sharded_forwards():
+    eval_on = ["train.eval_every=10", "train.eval_reference=r.npz", "train.eval_inception=i.pth",
+               "train.sample_sampler=dopri5"]
+    for backend in (["parallel.backend=fsdp2"], ["parallel.backend=deepspeed", "parallel.zero_stage=3"]):
+        with pytest.raises(C.ConfigError, match="train.sample_sampler=dopri5"):
+            C.load_config(None, eval_on + backend)
+    for backend in (["parallel.backend=ddp"], ["parallel.backend=deepspeed", "parallel.zero_stage=2"]):
+        C.load_config(None, eval_on + backend)  # every rank holds the whole model: any step count works
+
+
 def test_dtype_names_are_those_fsdp2_maps():
     """The names config accepts are the keys parallelize turns into torch dtypes."""
     assert set(parallelize.DTYPE_NAMES) == set(parallelize._DTYPES) == {"bf16", "fp16", "fp32"}

@@ -86,6 +86,9 @@ def test_run_dir_contents_and_mlflow(tmp_path, npz):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for key in ("step", "loss", "lr", "grad_norm", "img_per_s", "data_wait_frac"):
         assert key in rows[0]
+    # the logged lr is the one each step applied: demo.yaml warms up 1e-3 over 100 steps, step s at s/100
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 2e-5, 3e-5, 4e-5], rel=1e-9)
     run_id = (run / "mlflow_run_id").read_text().strip()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{results}/mlflow.db")
     r = client.get_run(run_id)
