@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from .models import MODEL_CONFIGS, ModelArgs, model_args
 
 # dense bf16 matrix-product peak (FLOP/s) of common accelerators, for MFU
+# Dense bf16 peaks from the spec sheets; the first key found in the device name wins, so the
+# variants come before their family. MFU is always against this bf16 peak, also for fp32 runs.
 PEAK_FLOPS = {
-    "H100": 989e12,  # SXM, dense bf16 (the spec sheet's figure; ~790e12 is reached in practice)
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM (~790e12 is reached in practice)
     "H200": 989e12,
     "A100": 312e12,
     "L40S": 362e12,

@@ -187,6 +187,15 @@ def test_convert_cli_output_samples_and_warm_starts(tmp_path):
         load_weights_into(other_heads, str(out))
 
 
+def test_peak_flops_by_device_name():
+    from mpdit_dist.flops import device_peak_flops
+
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM figure
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert device_peak_flops("Some New Card") is None and device_peak_flops(None) is None
+
+
 def test_flops_mpdit_half_of_dense():
     xl = count_flops(model_args("MPDiT-XL/4x"))
     dense = count_flops(dense_counterpart(model_args("MPDiT-XL/4x")))
