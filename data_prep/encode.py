@@ -9,7 +9,8 @@ How the work is cut (and why the result does not depend on it): the sorted image
 into shards of ``--samples-per-shard`` consecutive images; shard ``s`` is written by part
 ``s % world_size``. A shard's bytes depend only on its images, so one process, two torchrun
 ranks or a SLURM array produce identical files. Rank and world come from torchrun's
-``RANK``/``WORLD_SIZE``, else SLURM's ``SLURM_PROCID``/``SLURM_NTASKS`` (``srun -n N``) and an array's
+``RANK``/``WORLD_SIZE``, else SLURM's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` (tasks of an ``srun -n N``
+step; an sbatch script's own process is one process) and an array's
 ``SLURM_ARRAY_TASK_ID`` (minus ``SLURM_ARRAY_TASK_MIN``) / ``SLURM_ARRAY_TASK_COUNT``, else from
 ``--rank/--world-size``, else 0/1; a flag that contradicts the environment is an error. No process
 group is needed.
@@ -76,7 +77,8 @@ class ConfigMismatch(ValueError):
 def _env_world() -> Optional[tuple[int, int, str, str]]:
     """(rank, world, rank variable, world variable) from the launcher's environment, or None.
 
-    torchrun's ``RANK``/``WORLD_SIZE`` win; else SLURM: ``srun -n N`` tasks (``SLURM_PROCID``/``SLURM_NTASKS``)
+    torchrun's ``RANK``/``WORLD_SIZE`` win; else SLURM: the tasks of an ``srun -n N`` step (``SLURM_STEP_ID``
+    set; ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``, not the batch script itself)
     and array tasks (``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN``/``SLURM_ARRAY_TASK_COUNT``); an array of
     multi-task jobs numbers task t of array task a as ``a * ntasks + t``.
     """
@@ -90,18 +92,23 @@ def _env_world() -> Optional[tuple[int, int, str, str]]:
 
     if "WORLD_SIZE" in env:
         return num("RANK") if "RANK" in env else 0, num("WORLD_SIZE"), "RANK", "WORLD_SIZE"
-    tasks = (num("SLURM_PROCID"), num("SLURM_NTASKS")) if "SLURM_NTASKS" in env and "SLURM_PROCID" in env else None
+    # srun tasks only (SLURM_STEP_ID set): an sbatch script's own process also has SLURM_PROCID and
+    # SLURM_NTASKS, but it is one process (the trainer's rule, mpdit_dist.distributed.env)
+    from mpdit_dist.distributed.env import slurm_step_environ
+
+    step = slurm_step_environ(env)
+    tasks = (int(step["RANK"]), int(step["WORLD_SIZE"])) if step else None
     array = None
     if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
         first = num("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
         array = (num("SLURM_ARRAY_TASK_ID") - first, num("SLURM_ARRAY_TASK_COUNT"))
     if array and tasks and tasks[1] > 1:
         return (array[0] * tasks[1] + tasks[0], array[1] * tasks[1],
-                "SLURM_ARRAY_TASK_ID/SLURM_PROCID", "SLURM_ARRAY_TASK_COUNT*SLURM_NTASKS")
+                "SLURM_ARRAY_TASK_ID/SLURM_PROCID", "SLURM_ARRAY_TASK_COUNT*SLURM_STEP_NUM_TASKS")
     if array:
         return array[0], array[1], "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"
     if tasks:
-        return tasks[0], tasks[1], "SLURM_PROCID", "SLURM_NTASKS"
+        return tasks[0], tasks[1], "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"
     return None
 
 
@@ -416,7 +423,9 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigMismatch(f"{path}: not valid JSON ({exc}); use an empty output directory") from None
-    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    # skipped_files is information, not configuration: stray or hidden files (.nfs*, .DS_Store) come
+    # and go between reruns and ranks without changing the images, and older outputs lack the key
+    diff = sorted(k for k in set(old) | set(config) if k != "skipped_files" and old.get(k) != config.get(k))
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff if k != "images_sha256")
         if "images_sha256" in diff:

@@ -127,13 +127,16 @@ def write_manifest(d: Path) -> None:
     os.replace(tmp, d / COMPLETE)
 
 
+UNREADABLE = "unreadable"  # verify's reason for an I/O error (not damage: find_latest stops on it)
+
+
 def verify(d: Path) -> Optional[str]:
     """None when the checkpoint is complete and intact, else what is wrong (an unreadable file
     included: an ``OSError`` is a reason, never an exception)."""
     try:
         return _verify(d)
     except OSError as exc:
-        return f"unreadable: {exc}"
+        return f"{UNREADABLE}: {exc}"
 
 
 def _verify(d: Path) -> Optional[str]:
@@ -348,6 +351,16 @@ class CheckpointManager:
                 f"continue that run with --resume auto, or remove {self.root}"
             )
 
+    def refuse_second_run(self, resume: str) -> None:
+        """Collective: refuse a start that would begin a second run in this run directory while it
+        holds checkpoints: ``--resume never``, or ``--resume PATH`` of another directory's checkpoint.
+        (``auto`` continues the run; a PATH of this directory goes back in it, see
+        :meth:`supersede_after`.)"""
+        if resume == "never":
+            self.refuse_existing("--resume never")
+        elif resume != "auto" and not self.holds(Path(resume)):
+            self.refuse_existing(f"--resume {resume} (a checkpoint of another run directory)")
+
     def holds(self, path: Path) -> bool:
         """Whether ``path`` is a checkpoint directory of this run directory."""
         return Path(path).resolve().parent == self.root.resolve()
@@ -363,7 +376,10 @@ class CheckpointManager:
             later = [p for s, p in list_checkpoints(self.root) if s > step]
             if not later:
                 return None
-            aside = self.root / time.strftime("superseded-%Y%m%d-%H%M%S")
+            stamp = time.strftime("superseded-%Y%m%d-%H%M%S")
+            aside, n = self.root / stamp, 1
+            while aside.exists():  # two in the same second
+                aside, n = self.root / f"{stamp}-{n}", n + 1
             aside.mkdir()
             for p in later:
                 os.replace(p, aside / p.name)
@@ -386,6 +402,12 @@ class CheckpointManager:
                 if problem is None:
                     self._verified = path
                     return str(path)
+                if problem.startswith(UNREADABLE):
+                    # an I/O error may pass (a file system hiccup): falling back would roll the run
+                    # back and move the newer checkpoints aside, so stop and let a retry decide
+                    raise CheckpointError(f"checkpoint {path} could not be read ({problem}); nothing was "
+                                          f"moved or deleted: start again once the file system is healthy, "
+                                          f"or resume from another checkpoint with --resume PATH")
                 damaged.append(f"{path} ({problem})")
                 log.warning("checkpoint %s is damaged (%s); falling back to the one before", path, problem)
             if damaged:

@@ -199,17 +199,32 @@ def resume_for_start(submitted: str, restart: int, run_dir: Path) -> str:
     """The ``resume`` of this start of the job (pure but for a look into ``<run_dir>/checkpoints``).
 
     The first start (``restart == 0``) uses what was submitted (``auto``, ``never`` or a path). A
-    requeued start resumes from its own run directory (``"auto"``), whatever was submitted: the
-    earlier start saved there before it left. Only when no complete checkpoint is there yet (a
-    requeue during start-up, before anything was trained) does it start the way the first start
-    did, so that a submitted checkpoint path is not dropped for a start from scratch.
+    requeued start continues the run: ``never`` becomes ``auto`` (the same thing in an empty run
+    directory, and the only right thing once the first start has saved). A submitted path stays
+    until the first start has taken it:
+
+    - a checkpoint of this run directory (going back to an older step): taken once the later
+      checkpoints are gone (the trainer moves them aside right after loading it); while they are
+      still there, the first start never got that far, so the path is used again;
+    - a checkpoint of another directory: taken once this directory holds a checkpoint of its own
+      (complete, or an async write that finished, which the trainer then makes visible).
     """
     if restart == 0 or submitted == "auto":
         return submitted
-    from .checkpoint import COMPLETE, list_checkpoints
+    if submitted == "never":
+        return "auto"
+    from .checkpoint import COMPLETE, list_checkpoints, write_finished
 
-    saved = any((path / COMPLETE).is_file() for _, path in list_checkpoints(Path(run_dir) / "checkpoints"))
-    return "auto" if saved else submitted
+    root = Path(run_dir) / "checkpoints"
+    path = Path(submitted)
+    saved = list_checkpoints(root)
+    if path.resolve().parent == root.resolve():
+        mine = [s for s, p in list_checkpoints(root) if p.resolve() == path.resolve()]
+        later = [s for s, p in saved if mine and s > mine[0] and (p / COMPLETE).is_file()]
+        return submitted if later else "auto"
+    own = any((p / COMPLETE).is_file() for _, p in saved) or (
+        root.is_dir() and any(write_finished(p) is None for p in root.glob("tmp-step_*")))
+    return "auto" if own else submitted
 
 
 def requeue_action(status: str, restart_count: int, max_requeues: int, signals: tuple[str, ...] = ("SIGUSR2",),
@@ -536,6 +551,10 @@ def submit(cfg: C.Config, run_dir: str | Path, resume: str = "auto",
     warning_signal()  # and a SUBMITIT_PREEMPT_SIGNAL the tasks could not handle
     ntasks = params["nodes"] * params["tasks_per_node"]
     executor = make_executor(cfg, run_dir)  # fails here, before any file is written, without srun
+    from .checkpoint import CheckpointManager
+
+    # the trainer's own refusal, before config.yaml and launch/ of the run already there are overwritten
+    CheckpointManager(run_dir).refuse_second_run(resume)
     launch_dir = run_dir / LAUNCH_DIR
     launch_dir.mkdir(parents=True, exist_ok=True)
     C.save_config(cfg, run_dir / "config.yaml")

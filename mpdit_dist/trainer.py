@@ -271,10 +271,7 @@ class Trainer:
         checkpoint. (``--resume PATH`` of an older checkpoint of this directory is a decision to go
         back: the later checkpoints are moved aside after the load, see :meth:`maybe_resume`.)"""
         self.ckpt.clean_partial()
-        if self.resume == "never":
-            self.ckpt.refuse_existing("--resume never")
-        elif self.resume != "auto" and not self.ckpt.holds(Path(self.resume)):
-            self.ckpt.refuse_existing(f"--resume {self.resume} (a checkpoint of another run directory)")
+        self.ckpt.refuse_second_run(self.resume)
 
     def maybe_resume(self) -> None:
         """Load the checkpoint that ``resume`` names (``auto``: the newest intact one of this run

@@ -95,11 +95,10 @@ def deepspeed_config(cfg: C.Config, world_size: int, micro: int, accum: int, bf1
     }
     if bf16:
         # gradients are reduced in parallel.reduce_dtype (fp32 by default, as FSDP2 does), not in
-        # DeepSpeed's default, the bf16 of the parameters; under ZeRO-1 they also accumulate in fp32
-        # (DeepSpeed's BF16 optimizer; its ZeRO-2/3 keep per-step gradients in the parameters' dtype)
+        # DeepSpeed's default, the bf16 of the parameters. (Accumulation stays in the parameters'
+        # dtype: fp32 accumulation, data_types.grad_accum_dtype, would swap ZeRO-1's optimizer for
+        # DeepSpeed's BF16_Optimizer, with another checkpoint layout; a user's JSON can still ask.)
         ds["communication_data_type"] = cfg.parallel.reduce_dtype
-        if stage == 1:
-            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     path = cfg.parallel.deepspeed_config
     if path:
         p = Path(path)

@@ -148,7 +148,7 @@ def test_strict_and_input_errors(images, tmp_path):
 
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
-            "SLURM_PROCID", "SLURM_NTASKS")
+            "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS")
 
 
 def test_world_from_env(monkeypatch):
@@ -162,12 +162,17 @@ def test_world_from_env(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     assert world_from_env() == (2, 4)
-    monkeypatch.setenv("SLURM_NTASKS", "3")  # an array of 3-task jobs: 12 workers
+    monkeypatch.setenv("SLURM_NTASKS", "3")
     monkeypatch.setenv("SLURM_PROCID", "1")
+    assert world_from_env() == (2, 4)  # the batch script itself (no srun step): one process per array task
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # srun -n 3 in each array task: 12 workers
     assert world_from_env() == (7, 12)
     for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
         monkeypatch.delenv(k)
     assert world_from_env() == (1, 3)  # srun -n 3
+    monkeypatch.delenv("SLURM_STEP_ID")
+    assert world_from_env(2, 4) == (2, 4)  # an sbatch -n 3 script running one encode: its flags
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     assert world_from_env() == (2, 4)  # torchrun wins over SLURM
@@ -385,6 +390,10 @@ def test_broken_symlinks_and_stray_files_are_counted(tmp_path):
     assert m["num_skipped_files"] == 2
     assert {f["path"]: f["reason"] for f in m["skipped_files"]} == {
         "README.txt": "not in a class folder", "b/.DS_Store": "hidden"}
+    # a stray file that comes or goes between reruns does not change the configuration
+    (root / "b" / ".DS_Store").unlink()
+    again = encode_dataset(root, out, 8, "identity", "wds", 4, progress=False)
+    assert again["shards_written"] == 0 and again["files_skipped"] == 1
 
 
 def test_verify_flag_checks_the_manifest_checksums(tmp_path, capsys):

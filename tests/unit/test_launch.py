@@ -162,7 +162,27 @@ def test_resume_for_start_requeue_before_any_save_starts_like_the_first(tmp_path
     assert launch.resume_for_start(path, 1, tmp_path) == path
     _checkpoint_dir(tmp_path, 5, complete=False)
     assert launch.resume_for_start(path, 1, tmp_path) == path
-    assert launch.resume_for_start("never", 1, tmp_path) == "never"
+    assert launch.resume_for_start("never", 1, tmp_path) == "auto"  # the same in an empty run dir
+    # an async save that finished writing before the process died is the run's own checkpoint
+    tmp = tmp_path / "checkpoints" / "tmp-step_00000008"
+    (tmp / "rng").mkdir(parents=True)
+    (tmp / ".metadata").write_bytes(b"x")
+    (tmp / "trainer.json").write_text('{"world_size": 1}')
+    (tmp / "rng" / "rank0.pt").write_bytes(b"x")
+    assert launch.resume_for_start(path, 1, tmp_path) == "auto"
+
+
+def test_resume_for_start_requeue_keeps_a_rollback_until_it_was_taken(tmp_path):
+    """--resume of an older checkpoint of the same run dir: requeued before the first start loaded
+    it (the later checkpoints still there), the path again; after (they were moved aside), auto."""
+    older = _checkpoint_dir(tmp_path, 100)
+    later = [_checkpoint_dir(tmp_path, 200), _checkpoint_dir(tmp_path, 300)]
+    assert launch.resume_for_start(str(older), 1, tmp_path) == str(older)
+    aside = tmp_path / "checkpoints" / "superseded-1"
+    aside.mkdir()
+    for d in later:
+        d.rename(aside / d.name)
+    assert launch.resume_for_start(str(older), 1, tmp_path) == "auto"
 
 
 def _slurm_task_env(monkeypatch, restarts: int) -> None:
@@ -357,6 +377,14 @@ def test_debug_executor_trains_in_process_and_restores_state(tmp_path):
     assert (run / "checkpoints" / "step_00000003").is_dir()
     assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the submitter's env is its own again
     assert signal.getsignal(signal.SIGUSR2) is handler
+    # a second run into the same run dir is refused before anything of the first one is overwritten
+    before = (run / "config.yaml").read_text()
+    other = C.load_config(DEMO, [f"data.path={npz}", *TINY, "train.steps=5", "optim.lr=0.5",
+                                 f"results_dir={tmp_path}", "launch.cluster=debug", "launch.gpus_per_node=0",
+                                 "launch.tasks_per_node=1", "launch.cpus_per_task=1"])
+    with pytest.raises(Exception, match="--resume never would start a second run"):
+        launch.submit(other, run, resume="never", echo=None)
+    assert (run / "config.yaml").read_text() == before
 
 
 def test_submit_cli_debug_trains_without_wait(tmp_path):
