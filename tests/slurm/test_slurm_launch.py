@@ -100,7 +100,7 @@ def test_submit_cli_trains_two_tasks_into_mlflow(slurm_jobs, tmp_path):
     assert record["job_id"] == job_id and record["tasks_per_node"] == 2
     for rank in (0, 1):
         log = (run / "logs" / f"rank{rank}.err").read_text()  # symlink into the submitit folder
-        assert f"job {job_id} task {rank}/2 (restart 0)" in log and "1 threads" in log, log
+        assert f"job {job_id} task {rank}/2 (restart 0, resume auto)" in log and "1 threads" in log, log
 
     # Every step trained once, by both ranks together, and mirrored to MLflow.
     assert raw_steps(run) == list(range(1, steps + 1))
