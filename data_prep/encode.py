@@ -94,10 +94,9 @@ def _env_world() -> Optional[tuple[int, int, str, str]]:
         return num("RANK") if "RANK" in env else 0, num("WORLD_SIZE"), "RANK", "WORLD_SIZE"
     # srun tasks only (SLURM_STEP_ID set): an sbatch script's own process also has SLURM_PROCID and
     # SLURM_NTASKS, but it is one process (the trainer's rule, mpdit_dist.distributed.env)
-    from mpdit_dist.distributed.env import slurm_step_environ
+    from mpdit_dist.distributed.env import slurm_step_task
 
-    step = slurm_step_environ(env)
-    tasks = (int(step["RANK"]), int(step["WORLD_SIZE"])) if step else None
+    tasks = slurm_step_task(env)
     array = None
     if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
         first = num("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0

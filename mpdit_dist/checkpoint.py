@@ -20,7 +20,7 @@ checksums and falls back to the one before, with a warning, when it is damaged; 
 checkpoint is damaged it stops with an error that names them, and deletes nothing.
 
 One history per run directory: the checkpoints of a run directory are steps of one run.
-:meth:`CheckpointManager.refuse_existing` stops a second run from starting in a directory that
+:meth:`CheckpointManager.refuse_second_run` stops a second run from starting in a directory that
 holds checkpoints (``--resume never``, or a checkpoint of another directory); after a resume from
 an older checkpoint of the same directory (an explicit ``--resume PATH``, or a fallback past
 damaged checkpoints), :meth:`CheckpointManager.supersede_after` moves the later checkpoints aside
@@ -339,10 +339,18 @@ class CheckpointManager:
 
         on_rank0(self.rank, clean)
 
-    def refuse_existing(self, why: str) -> None:
-        """Collective: raise when this run directory already holds checkpoints, so that a second
-        run (``why``: e.g. ``--resume never``) never mixes its checkpoints with another run's, and
-        a later ``--resume auto`` never continues the wrong one."""
+    def refuse_second_run(self, resume: str) -> None:
+        """Collective: raise when ``resume`` would begin a second run in this run directory while it
+        holds checkpoints: ``--resume never``, or ``--resume PATH`` of another directory's checkpoint.
+        Two runs' checkpoints would mix, and a later ``--resume auto`` continue the wrong one.
+        (``auto`` continues the run; a PATH of this directory goes back in it, see
+        :meth:`supersede_after`.)"""
+        if resume == "never":
+            why = "--resume never"
+        elif resume != "auto" and not self.holds(Path(resume)):
+            why = f"--resume {resume} (a checkpoint of another run directory)"
+        else:
+            return
         found = on_rank0(self.rank, lambda: [str(p) for _, p in list_checkpoints(self.root)])
         if found:
             raise CheckpointError(
@@ -350,16 +358,6 @@ class CheckpointManager:
                 f"(newest: {found[0]}); {why} would start a second run in it. Choose another --run-dir, "
                 f"continue that run with --resume auto, or remove {self.root}"
             )
-
-    def refuse_second_run(self, resume: str) -> None:
-        """Collective: refuse a start that would begin a second run in this run directory while it
-        holds checkpoints: ``--resume never``, or ``--resume PATH`` of another directory's checkpoint.
-        (``auto`` continues the run; a PATH of this directory goes back in it, see
-        :meth:`supersede_after`.)"""
-        if resume == "never":
-            self.refuse_existing("--resume never")
-        elif resume != "auto" and not self.holds(Path(resume)):
-            self.refuse_existing(f"--resume {resume} (a checkpoint of another run directory)")
 
     def holds(self, path: Path) -> bool:
         """Whether ``path`` is a checkpoint directory of this run directory."""

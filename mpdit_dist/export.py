@@ -118,12 +118,10 @@ def load_weights_into(model: MPDiT, source: str) -> None:
         from .models.official import load_official
 
         other = load_official(path)
-    # every field that shapes the weights or how they are read; input_size may differ (the positions
-    # are fixed tables, not weights: a 256 px model can start a 512 px run), attention is a kernel choice
-    fields = ("stages", "hidden_size", "num_heads", "mlp_ratio", "in_channels", "num_classes",
-              "num_condition_tokens", "time_embed", "skip_connection")
-    differ = [f"{f}: {getattr(other.args, f)!r} there, {getattr(model.args, f)!r} configured"
-              for f in fields if getattr(other.args, f) != getattr(model.args, f)]
+    # input_size may differ (the positions are fixed tables, not weights: a 256 px model can start a
+    # 512 px run); attention is a kernel choice
+    differ = [f"{f}: {theirs!r} there, {ours!r} configured" for f, (ours, theirs)
+              in model.args.differences(other.args, ignore=("attention", "input_size")).items()]
     if differ:
         raise ValueError(f"train.init_from={source}: the weights' architecture differs from the configured model: "
                          + "; ".join(differ))

@@ -6,8 +6,9 @@ launched in the run directory and submits a :class:`TrainingTask`. Every task of
 submitit's ``JobEnvironment`` into the torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and calls :func:`mpdit_dist.trainer.train`. The first
 start uses the ``resume`` it was submitted with (``auto``, ``never`` or a checkpoint path); a requeued
-start (SLURM_RESTART_COUNT > 0, or the local executor's own count) uses ``resume="auto"``, so it
-continues from the newest checkpoint of its own run directory (see :func:`resume_for_start`).
+start (SLURM_RESTART_COUNT > 0, or the local executor's own count) continues from the newest
+checkpoint of its own run directory (``resume="auto"``) once the first start has taken what was
+submitted (see :func:`resume_for_start`).
 
 Preemption (the facts behind this are measured in docs/slurm_testing.md):
 
@@ -213,13 +214,13 @@ def resume_for_start(submitted: str, restart: int, run_dir: Path) -> str:
         return submitted
     if submitted == "never":
         return "auto"
-    from .checkpoint import COMPLETE, list_checkpoints, write_finished
+    from .checkpoint import COMPLETE, CheckpointManager, list_checkpoints, write_finished
 
-    root = Path(run_dir) / "checkpoints"
-    path = Path(submitted)
+    ckpt = CheckpointManager(Path(run_dir))
+    root, path = ckpt.root, Path(submitted)
     saved = list_checkpoints(root)
-    if path.resolve().parent == root.resolve():
-        mine = [s for s, p in list_checkpoints(root) if p.resolve() == path.resolve()]
+    if ckpt.holds(path):
+        mine = [s for s, p in saved if p.resolve() == path.resolve()]
         later = [s for s, p in saved if mine and s > mine[0] and (p / COMPLETE).is_file()]
         return submitted if later else "auto"
     own = any((p / COMPLETE).is_file() for _, p in saved) or (

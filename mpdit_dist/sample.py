@@ -65,11 +65,12 @@ def generate(model, args, classes: Sequence[int], *, seed: int, cfg_scale: float
 
     v = guided_velocity(fwd, args.num_classes, cfg_scale, guidance_interval)
     # the SDE's noise, like the initial noise, depends only on (seed, sample index): never on how
-    # the samples are batched or split over ranks
-    gens = [torch.Generator().manual_seed(_stream_seed(seed, offset + j, "sde")) for j in range(len(classes))]
+    # the samples are batched or split over ranks (the ODE samplers draw none)
+    gens = None
+    if sampler == "euler_maruyama":
+        gens = [torch.Generator().manual_seed(_stream_seed(seed, offset + j, "sde")) for j in range(len(classes))]
     try:
-        return sample(v, noise, y, sampler=sampler, steps=steps,
-                      generator=gens if sampler == "euler_maruyama" else None)
+        return sample(v, noise, y, sampler=sampler, steps=steps, generator=gens)
     finally:
         model.train(was_training)
 

@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -242,7 +241,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch_size": self.cfg.data.global_batch_size,
             "backend": self.backend,
-            "model_args": asdict(self.model_args),
+            "model_args": self.model_args.to_dict(),
             "config": C.to_dict(self.cfg),
             "manifest": self.manifest,
             "code": code_version(),
@@ -317,18 +316,16 @@ class Trainer:
                 f"(none, ddp, fsdp2) cannot load each other. Resume with parallel.backend={saved}, or "
                 f"start a new run dir with train.init_from=<exported weights>"
             )
-        saved_args = tstate.get("model_args")
-        if saved_args is None and tstate.get("config"):  # written before model_args was recorded
-            try:
-                saved_args = asdict(C.model_args_from(C.from_dict(tstate["config"]).model))
-            except Exception:  # noqa: BLE001 - an old config that no longer parses: DCP will tell
-                saved_args = None
+        from .models import ModelArgs
+
+        try:  # model_args, or the config of a checkpoint written before model_args was recorded
+            saved_args = (ModelArgs(**tstate["model_args"]) if tstate.get("model_args")
+                          else C.model_args_from(C.from_dict(tstate["config"]).model))
+        except Exception:  # noqa: BLE001 - a record that no longer parses: DCP will tell
+            saved_args = None
         if saved_args is not None:
-            # the attention kernel is a choice of implementation, not of weights
-            mine = json.loads(json.dumps(asdict(self.model_args)))
-            saved_args = json.loads(json.dumps(saved_args))
-            diff = [f"model.{k}={saved_args.get(k)} there, {v} here" for k, v in mine.items()
-                    if k != "attention" and k in saved_args and saved_args[k] != v]
+            diff = [f"model.{k}={theirs} there, {mine} here"
+                    for k, (mine, theirs) in self.model_args.differences(saved_args).items()]
             if diff:
                 raise C.ConfigError(
                     f"checkpoint {path} holds another model architecture: {'; '.join(diff)}. "

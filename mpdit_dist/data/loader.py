@@ -88,10 +88,6 @@ class StepBatches(torch.utils.data.Dataset):
             prefix = ""
             if self.flip and bool(torch.rand((), generator=gen) < 0.5):
                 prefix = "flip_"
-            for f in (prefix + "mean", prefix + "std") if self.moments else (prefix + "latent",):
-                if rec[f].shape != self.shape:  # assignment below would broadcast a wrong shape silently
-                    raise ValueError(f"sample {index} (key {rec['key']}): field {f!r} has shape "
-                                     f"{tuple(rec[f].shape)}, the manifest's latent_shape is {self.shape}")
             if self.moments:
                 center[j] = rec[prefix + "mean"]
                 std[j] = rec[prefix + "std"]
@@ -108,9 +104,8 @@ class StepBatches(torch.utils.data.Dataset):
             # the writer stores finite latents only, so this is a corrupt shard (one pass over the batch)
             bad = torch.nonzero(~torch.isfinite(x).flatten(1).all(dim=1)).flatten().tolist()
             index = int(indices[bad[0]])
-            where = self.source.shard_file(index) if hasattr(self.source, "shard_file") else "the source"
-            raise ValueError(f"{where}: sample {index} (key {keys[bad[0]]}) gives a non-finite latent "
-                             f"({len(bad)} of {b} samples in step {step}); the shard file is corrupt "
+            raise ValueError(f"{self.source.shard_file(index)}: sample {index} (key {keys[bad[0]]}) gives a "
+                             f"non-finite latent ({len(bad)} of {b} samples in step {step}); the shard file is corrupt "
                              f"(check it with `python -m data_prep.encode --out ROOT --verify`)")
         return {"x": x.contiguous(), "y": torch.from_numpy(labels), "keys": keys, "step": step}
 

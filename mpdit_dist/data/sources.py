@@ -154,13 +154,19 @@ def resolve_root(path: str, remote: Optional[str], cache_dir: Optional[str]) -> 
 
 
 class Source:
-    """Random access to ``num_samples`` samples; ``read`` returns numpy fields + key + label."""
+    """Random access to ``num_samples`` samples; ``read`` returns numpy fields + key + label, each
+    field of the manifest's ``latent_shape`` (the sharded sources check every read; the loader
+    relies on it)."""
 
     num_samples: int
     manifest: dict[str, Any]
     fields: list[str]
 
     def read(self, index: int) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def shard_file(self, index: int) -> str:  # pragma: no cover - interface
+        """The file that holds sample ``index`` (for error messages)."""
         raise NotImplementedError
 
 
@@ -243,10 +249,6 @@ class _ShardedSource(Source):
             raise IndexError(f"sample index {index} out of range [0, {self.num_samples})")
         pos = int(np.searchsorted(self.starts, index, side="right")) - 1
         return pos, index - int(self.starts[pos])
-
-    def shard_file(self, index: int) -> str:  # pragma: no cover - interface
-        """The file that holds sample ``index`` (for error messages)."""
-        raise NotImplementedError
 
     def _check_array(self, arr: np.ndarray, field: str, index: int, key: str) -> None:
         if arr.shape != self.shape or arr.dtype != self.dtype:

@@ -90,9 +90,8 @@ def _slurm_hostnames_first(nodelist: str) -> str:
     return first_host(nodelist)
 
 
-def slurm_step_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """torchrun-style variables for a task of an ``srun`` step, from SLURM's (``{}`` when there is
-    nothing to derive: torchrun's are set already, or this is no ``srun`` task).
+def slurm_step_task(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(rank, number of tasks) of a task of an ``srun`` step; None when this process is none.
 
     Only a task of a job *step* (SLURM_STEP_ID set, by ``srun``) is one of several processes: the
     batch script of an ``sbatch`` job also has SLURM_PROCID=0 and SLURM_NTASKS=<tasks requested>,
@@ -100,13 +99,20 @@ def slurm_step_environ(environ: Mapping[str, str]) -> dict[str, str]:
     for peers that nobody starts. The step's own counts win over the job's (an ``srun -n 2`` inside
     a larger allocation).
     """
-    if "RANK" in environ or "SLURM_PROCID" not in environ:
+    if "SLURM_PROCID" not in environ or ("SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ):
+        return None
+    world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
+    return int(environ["SLURM_PROCID"]), int(world)
+
+
+def slurm_step_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun-style variables for a task of an ``srun`` step (:func:`slurm_step_task`), from
+    SLURM's; ``{}`` when there is nothing to derive: torchrun's are set already, or this is no
+    ``srun`` task."""
+    task = None if "RANK" in environ else slurm_step_task(environ)
+    if task is None:
         return {}
-    if "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ:
-        return {}
-    values = {"RANK": environ["SLURM_PROCID"],
-              "WORLD_SIZE": environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1",
-              "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    values = {"RANK": str(task[0]), "WORLD_SIZE": str(task[1]), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
     spec = (environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
             or environ.get("SLURM_NTASKS_PER_NODE"))
     if spec:

@@ -89,7 +89,7 @@ def apply_fsdp2(model: MPDiT, dist_info: DistInfo, pcfg, mixed_precision: bool) 
 
 def describe_wrappers(model: MPDiT) -> str:
     """What :func:`apply_checkpointing_and_compile` did, for the run's log."""
-    blocks = [b for s in model.stages for b in s.blocks]
+    blocks = model.blocks()
     ac = sum(isinstance(b, CheckpointWrapper) for b in blocks)
     compiled = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     whole = getattr(model, "_compiled_call_impl", None) is not None

@@ -90,6 +90,12 @@ class ModelArgs:
         """Spatial tokens (class tokens excluded) each stage's blocks see."""
         return [(self.input_size // p) ** 2 for p, _ in self.stages]
 
+    def differences(self, other: "ModelArgs", ignore: tuple[str, ...] = ("attention",)) -> dict[str, tuple[Any, Any]]:
+        """The fields outside ``ignore`` in which ``other`` differs: name -> (this value, other's).
+        By default ``attention`` is ignored: a choice of kernel, not of weights."""
+        return {f: (getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__
+                if f not in ignore and getattr(self, f) != getattr(other, f)}
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stages"] = [list(s) for s in self.stages]
