@@ -8,7 +8,8 @@ in-order delivery keeps the order fixed whatever the number of workers, and pref
 ahead whole steps.
 
 The state (``state_dict()``) is a handful of integers: the step counter and the stream position
-it corresponds to, plus what must match on load (global batch, dataset fingerprint, seed).
+it corresponds to, plus what must match on load (global batch, dataset fingerprint, seed, and the
+name of the order's definition, :data:`~mpdit_dist.data.order.ORDER_SCHEME`).
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 
 from . import manifest as mf
-from .order import GlobalOrder, sample_seed
+from .order import ORDER_SCHEME, GlobalOrder, sample_seed
 from .sources import Source, open_source
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the order is ORDER_SCHEME (1: numpy's Generator.permutation)
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -232,6 +233,7 @@ class ShardLoader:
             "dataset_id": self.dataset_id,
             "seed": self.seed,
             "shuffle": bool(self.cfg.shuffle),
+            "order": ORDER_SCHEME,
         }
 
     def load_state_dict(self, state: dict[str, Any], allow_batch_change: bool = False) -> None:
@@ -242,8 +244,12 @@ class ShardLoader:
         the same sample position (the rest of the current epoch is still seen exactly once).
         A different seed or shuffle setting would change the order itself and is always refused.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state.get("version") != STATE_VERSION or state.get("order") != ORDER_SCHEME:
+            raise ValueError(
+                f"data loader state version {state.get('version')!r} with sample order "
+                f"{state.get('order', 'numpy-permutation')!r}; this code has version {STATE_VERSION} with order "
+                f"{ORDER_SCHEME!r}, so the rest of the epoch would not be the one the run started. Resume with the "
+                f"code that wrote the checkpoint, or start a new run warm-started from it (train.init_from)")
         if state["seed"] != self.seed or state["shuffle"] != bool(self.cfg.shuffle):
             raise ValueError(f"data loader state was saved with seed={state['seed']}, shuffle={state['shuffle']}; "
                              f"this run has train.seed={self.seed}, data.shuffle={bool(self.cfg.shuffle)}")

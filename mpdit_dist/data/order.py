@@ -15,12 +15,23 @@ Consequences, all by construction rather than by bookkeeping:
 * per-sample randomness (which latent is drawn from stored moments, whether the flipped encoding
   is used) comes from :func:`sample_seed` of (seed, epoch, sample index), never from the rank or
   the worker, so any world size produces identical tensors for the same global batch.
+
+The permutation of an epoch is defined here, not by a library: sample ``i`` gets the key
+``splitmix64(base ^ i)`` with ``base`` from (seed, epoch), and the epoch visits the samples in
+increasing key order. splitmix64 is a bijection of 64-bit integers, so the keys are distinct and
+the order does not depend on the sort algorithm; the arithmetic is wrapping 64-bit integer
+arithmetic, so the order is the same on every platform and every numpy version. (numpy's
+``Generator.permutation`` carries no such promise across versions: a cluster upgrade in the
+middle of a run would silently change the rest of the epoch, repeating some samples and
+skipping others.) :data:`ORDER_SCHEME` names this definition; the loader stores it in its state
+and refuses to resume a state written under another.
 """
 from __future__ import annotations
 
 import numpy as np
 
 _MASK64 = (1 << 64) - 1
+ORDER_SCHEME = "splitmix64-keys-v1"  # stored in the loader state; change it whenever the order changes
 
 
 def _splitmix64(x: int) -> int:
@@ -28,6 +39,21 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_splitmix64` of every element of a uint64 array (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def stable_permutation(n: int, seed: int) -> np.ndarray:
+    """A permutation of ``range(n)`` that is a pure function of (n, seed), identical on every
+    platform and numpy version (see the module docstring)."""
+    keys = _splitmix64_array(np.arange(n, dtype=np.uint64) ^ np.uint64(seed & _MASK64))
+    return np.argsort(keys, kind="stable").astype(np.int64)
 
 
 def sample_seed(seed: int, epoch: int, index: int, salt: int = 0) -> int:
@@ -54,10 +80,9 @@ class GlobalOrder:
         perm = self._cache.get(epoch)
         if perm is None:
             if self.shuffle:
-                rng = np.random.Generator(np.random.PCG64(sample_seed(self.seed, epoch, 0, salt=0x5EED)))
-                perm = rng.permutation(self.num_samples)
+                perm = stable_permutation(self.num_samples, sample_seed(self.seed, epoch, 0, salt=0x5EED))
             else:
-                perm = np.arange(self.num_samples)
+                perm = np.arange(self.num_samples, dtype=np.int64)
             if len(self._cache) >= 2:  # a batch touches at most two epochs
                 self._cache.pop(min(self._cache))
             self._cache[epoch] = perm

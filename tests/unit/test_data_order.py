@@ -10,6 +10,7 @@ import torch
 from mpdit_dist.config import DataConfig
 from tests.helpers.data import global_batches
 from mpdit_dist.data import GlobalOrder, build_loader, denormalize, normalize, read_audit, sample_seed
+from mpdit_dist.data.order import ORDER_SCHEME, _splitmix64, stable_permutation
 
 
 def test_order_is_a_permutation_per_epoch_and_depends_on_seed_and_epoch():
@@ -23,6 +24,36 @@ def test_order_is_a_permutation_per_epoch_and_depends_on_seed_and_epoch():
     # a window straddling the epoch boundary: the tail of epoch 0 then the head of epoch 1
     idx, ep = order.lookup(7, 13)
     assert list(idx) == list(p0[7:]) + list(p1[:3]) and list(ep) == [0, 0, 0, 1, 1, 1]
+
+
+PINNED_N12_SEED0 = [10, 3, 11, 5, 7, 4, 1, 2, 8, 9, 6, 0]
+PINNED_N10_SEED3_EPOCH1 = [0, 3, 2, 6, 5, 4, 7, 8, 1, 9]
+PINNED_BIG_HEAD = [85491, 38204, 8044, 21692, 20289]
+
+
+def test_the_order_is_pinned():
+    """The order is ours (splitmix64 keys), not a library's: these values must never change without
+    a new ORDER_SCHEME, or resumed runs would silently see another order than the one they began."""
+    assert ORDER_SCHEME == "splitmix64-keys-v1"
+    assert stable_permutation(12, 0).tolist() == PINNED_N12_SEED0
+    # the vectorised keys agree with the scalar splitmix64 (plain Python integers)
+    seed = sample_seed(3, 1, 0, salt=0x5EED)
+    assert sorted(range(10), key=lambda i: _splitmix64(i ^ seed)) == PINNED_N10_SEED3_EPOCH1
+    assert GlobalOrder(10, seed=3).permutation(1).tolist() == PINNED_N10_SEED3_EPOCH1
+    big = stable_permutation(100_003, (1 << 63) + 17)  # a 64-bit seed; every index exactly once
+    assert np.array_equal(np.sort(big), np.arange(100_003))
+    assert big[:5].tolist() == PINNED_BIG_HEAD
+
+
+def test_loader_state_names_the_order_and_refuses_another(tmp_path):
+    path, _, _ = _npz(tmp_path)
+    ld = build_loader(_cfg(path, 6), rank=0, world_size=1, seed=0)
+    next(ld)
+    state = ld.state_dict()
+    assert state["order"] == ORDER_SCHEME
+    old = {k: v for k, v in state.items() if k != "order"} | {"version": 1}  # written before the scheme existed
+    with pytest.raises(ValueError, match="numpy-permutation.*splitmix64-keys-v1"):
+        build_loader(_cfg(path, 6), rank=0, world_size=1, seed=0).load_state_dict(old)
 
 
 def test_sample_seed_is_pure_and_distinct():
