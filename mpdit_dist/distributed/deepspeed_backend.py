@@ -130,7 +130,11 @@ def build_engine(model: nn.Module, cfg: C.Config, dist_info: DistInfo, micro: in
     user's JSON has an ``optimizer`` section); the scheduler is a ``LambdaLR`` over the client
     optimizer (or over DeepSpeed's), stepped by the engine once per optimizer step; the engine's
     own when the user's JSON has a ``scheduler`` section."""
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(f"parallel.backend=deepspeed needs the DeepSpeed package, which did not import ({exc}); "
+                          f"install it with `pip install -e '.[deepspeed]'`, or choose parallel.backend=fsdp2 or ddp") from exc
 
     from ..trainer import build_optimizer
 

@@ -2,6 +2,8 @@
 step (node lists, tasks per node, the sbatch script that is no task)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from mpdit_dist import config as C
@@ -144,3 +146,11 @@ def test_sbatch_script_itself_is_no_srun_task():
 def test_torchrun_variables_win():
     assert slurm_step_environ(_srun_task(RANK="3")) == {}
     assert slurm_step_environ({"SLURM_STEP_ID": "0"}) == {}  # no SLURM_PROCID: nothing to derive
+
+
+def test_deepspeed_backend_without_deepspeed_says_what_to_install(monkeypatch):
+    from mpdit_dist.distributed.deepspeed_backend import build_engine
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    with pytest.raises(ImportError, match=r"parallel.backend=deepspeed needs the DeepSpeed package.*\[deepspeed\]"):
+        build_engine(None, None, None, 1, 1, lambda s: 1.0, False)
