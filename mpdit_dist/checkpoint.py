@@ -26,12 +26,17 @@ an older checkpoint of the same directory (an explicit ``--resume PATH``, or a f
 damaged checkpoints), :meth:`CheckpointManager.supersede_after` moves the later checkpoints aside
 into ``checkpoints/superseded-<time>/``, kept for the user but out of resume and retention.
 
-Rank 0 alone does the file work (verification, manifest, renames); :func:`on_rank0` broadcasts its
-outcome, so an error there is raised on every rank instead of leaving the others waiting at the
-next collective.
+The checksums are everyone's work: at a save, each rank reads (checksums and fsyncs) an equal
+share of the files by bytes (:func:`split_by_size`), and at resume each rank verifies its share;
+for an XL run (8-11 GB a checkpoint) rank 0 alone would read every byte while the others wait.
+Rank 0 alone does the rest of the file work (listing, the manifest, renames, retention);
+:func:`on_rank0` broadcasts its outcome, so an error there is raised on every rank instead of
+leaving the others waiting at the next collective. Durability: every file is fsynced before the
+manifest, the directories before and after the rename.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .distributed.env import barrier, broadcast_object
+from .distributed.env import all_gather_object, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +110,67 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
+def _listing(d: Path) -> list[tuple[str, int]]:
+    """(relative path, size) of every file of checkpoint directory ``d`` but its manifest, sorted."""
+    return [(str(p.relative_to(d)), p.stat().st_size)
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name not in (COMPLETE, COMPLETE + ".tmp")]
+
+
+def split_by_size(files: list[tuple[str, int]], n: int) -> list[list[str]]:
+    """Deal ``files`` ((name, size) pairs) to ``n`` ranks with about equal bytes each: largest first,
+    each to the rank with the fewest bytes so far (the lowest rank on a tie). A pure function of
+    its arguments, so every rank computes the same split."""
+    shares: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for name, size in sorted(files, key=lambda f: (-f[1], f[0])):
+        r = min(range(n), key=lambda i: (load[i], i))
+        shares[r].append(name)
+        load[r] += size
+    return [sorted(share) for share in shares]
+
+
+def _checksum_file(path: Path, sync: bool = False) -> dict[str, int]:
+    """{"size", "crc32"} of one file, read once; with ``sync`` the file is also fsynced while it is
+    open (DCP syncs its own shards; trainer.json, the RNG files and DeepSpeed's files are not)."""
+    crc, size = 0, 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
-    return crc
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": size, "crc32": crc}
 
 
-def _files(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file() and p.name not in (COMPLETE, COMPLETE + ".tmp"))
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a no-op where the file system refuses)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
-def write_manifest(d: Path) -> None:
-    entries = {str(p.relative_to(d)): {"size": p.stat().st_size, "crc32": _crc32(p)} for p in _files(d)}
+def write_manifest(d: Path, entries: Optional[dict[str, dict[str, int]]] = None) -> None:
+    """Write ``COMPLETE.json`` into ``d`` with ``entries`` (by default computed here, one process
+    reading every file), then make the whole directory tree durable."""
+    if entries is None:
+        entries = {rel: _checksum_file(d / rel, sync=True) for rel, _ in _listing(d)}
     tmp = d / (COMPLETE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"files": entries}, f, indent=1)
+        json.dump({"files": dict(sorted(entries.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, d / COMPLETE)
+    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(sub)
+    _fsync_dir(d)
 
 
 UNREADABLE = "unreadable"  # verify's reason for an I/O error (not damage: find_latest stops on it)
@@ -132,29 +178,44 @@ UNREADABLE = "unreadable"  # verify's reason for an I/O error (not damage: find_
 
 def verify(d: Path) -> Optional[str]:
     """None when the checkpoint is complete and intact, else what is wrong (an unreadable file
-    included: an ``OSError`` is a reason, never an exception)."""
+    included: an ``OSError`` is a reason, never an exception). One process reads every file; a
+    :class:`CheckpointManager` shares the reading among its ranks."""
+    problem, entries = _manifest_head(d)
+    return problem if problem is not None else _crc_problem(d, sorted(entries), entries)
+
+
+def _manifest_head(d: Path) -> tuple[Optional[str], dict[str, Any]]:
+    """The cheap half of :func:`verify`: (problem, None) when the manifest is missing or
+    unreadable, or a file is missing or has another size; else (None, the manifest's entries)."""
     try:
-        return _verify(d)
+        meta = d / COMPLETE
+        if not meta.is_file():
+            return f"{meta.name} missing", {}
+        try:
+            entries = json.loads(meta.read_text())["files"]
+            for rel, info in entries.items():
+                p = d / rel
+                if not p.is_file():
+                    return f"{rel} missing", {}
+                if p.stat().st_size != info["size"]:
+                    return f"{rel} has {p.stat().st_size} bytes, expected {info['size']}", {}
+                int(info["crc32"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"{meta.name} unreadable: {exc!r}", {}
+        return None, entries
+    except OSError as exc:
+        return f"{UNREADABLE}: {exc}", {}
+
+
+def _crc_problem(d: Path, rels: list[str], entries: dict[str, Any]) -> Optional[str]:
+    """The expensive half of :func:`verify`, for the files ``rels``: the first checksum mismatch,
+    an unreadable file, or None."""
+    try:
+        for rel in rels:
+            if _checksum_file(d / rel)["crc32"] != entries[rel]["crc32"]:
+                return f"{rel} checksum mismatch"
     except OSError as exc:
         return f"{UNREADABLE}: {exc}"
-
-
-def _verify(d: Path) -> Optional[str]:
-    meta = d / COMPLETE
-    if not meta.is_file():
-        return f"{meta.name} missing"
-    try:
-        entries = json.loads(meta.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"{meta.name} unreadable: {exc}"
-    for rel, info in entries.items():
-        p = d / rel
-        if not p.is_file():
-            return f"{rel} missing"
-        if p.stat().st_size != info["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {info['size']}"
-        if _crc32(p) != info["crc32"]:
-            return f"{rel} checksum mismatch"
     return None
 
 
@@ -285,13 +346,50 @@ class CheckpointManager:
             future.result()
         fault_point("save", step)
         barrier()
+        entries = self._shared_manifest(tmp)
 
         def publish() -> None:
-            write_manifest(tmp)
+            write_manifest(tmp, entries)
             os.replace(tmp, final)
+            _fsync_dir(self.root)
             self._retain(step)
 
         on_rank0(self.rank, publish)
+
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _shared_manifest(self, d: Path) -> dict[str, dict[str, int]]:
+        """Collective: the manifest entries of ``d``. Each rank reads (checksums and fsyncs) its
+        share of the files (:func:`split_by_size`), so a save's checksum work is spread over all
+        ranks instead of rank 0 reading every byte; an I/O error on any rank raises on every rank,
+        naming the rank and the file."""
+        listing = on_rank0(self.rank, lambda: _listing(d))
+        share = split_by_size(listing, self._world())[self.rank]
+        try:
+            mine, error = {rel: _checksum_file(d / rel, sync=True) for rel in share}, None
+        except OSError as exc:
+            mine, error = {}, f"rank {self.rank}: {exc}"
+        gathered = all_gather_object((mine, error))
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise CheckpointError(f"cannot checksum checkpoint {d}: {'; '.join(errors)}")
+        entries: dict[str, dict[str, int]] = {}
+        for part, _ in gathered:
+            entries.update(part)
+        return entries
+
+    def _shared_verify(self, d: Path) -> Optional[str]:
+        """Collective :func:`verify`, with the same answer on every rank: rank 0 checks the manifest,
+        the presence and the sizes; the checksums are shared out like a save's. An unreadable file
+        anywhere wins over a mismatch (it stops a resume instead of rolling it back)."""
+        problem, entries = on_rank0(self.rank, lambda: _manifest_head(d))
+        if problem is not None:
+            return problem
+        share = split_by_size([(rel, int(info["size"])) for rel, info in entries.items()], self._world())[self.rank]
+        problems = [p for p in all_gather_object(_crc_problem(d, share, entries)) if p is not None]
+        unreadable = [p for p in problems if p.startswith(UNREADABLE)]
+        return (unreadable or problems or [None])[0]
 
     def wait_pending(self, timeout_s: float = 600.0) -> None:
         """This rank only (no collective, safe on an error path): wait for a pending async write to
@@ -322,22 +420,32 @@ class CheckpointManager:
         write had finished (see :func:`write_finished`; an async save whose process died before its
         rename), remove the others (a save that was interrupted)."""
 
-        def clean() -> None:
+        def scan() -> list[str]:
+            finished: list[str] = []
             if not self.root.is_dir():
-                return
+                return finished
             for p in sorted(self.root.glob("tmp-step_*")):
                 final = self.root / p.name[len("tmp-"):]
                 problem = "a complete checkpoint of that step exists" if final.exists() else write_finished(p)
                 if problem is None:
-                    write_manifest(p)
-                    os.replace(p, final)
-                    log.warning("checkpoint %s had been written but not made visible (the run stopped "
-                                "first): checksummed and renamed to %s", p, final.name)
+                    finished.append(str(p))
                 else:
                     log.warning("removing incomplete checkpoint %s (a save was interrupted: %s)", p, problem)
                     shutil.rmtree(p, ignore_errors=True)
+            return finished
 
-        on_rank0(self.rank, clean)
+        for p in map(Path, on_rank0(self.rank, scan)):
+            entries = self._shared_manifest(p)
+
+            def publish(p: Path = p, entries: dict = entries) -> None:
+                final = self.root / p.name[len("tmp-"):]
+                write_manifest(p, entries)
+                os.replace(p, final)
+                _fsync_dir(self.root)
+                log.warning("checkpoint %s had been written but not made visible (the run stopped "
+                            "first): checksummed and renamed to %s", p, final.name)
+
+            on_rank0(self.rank, publish)
 
     def refuse_second_run(self, resume: str) -> None:
         """Collective: raise when ``resume`` would begin a second run in this run directory while it
@@ -389,54 +497,50 @@ class CheckpointManager:
         return Path(aside) if aside else None
 
     def find_latest(self) -> Optional[Path]:
-        """Newest intact checkpoint (rank 0 verifies; all ranks get the same answer). None when
+        """Collective: the newest intact checkpoint (all ranks verify, and get the same answer). None when
         there is no checkpoint at all; a :class:`CheckpointError` naming each checkpoint and what is
         wrong with it when there are checkpoints but none is intact (never a silent restart)."""
 
-        def choose() -> Optional[str]:
-            damaged = []
-            for _, path in list_checkpoints(self.root):
-                problem = verify(path)
-                if problem is None:
-                    self._verified = path
-                    return str(path)
-                if problem.startswith(UNREADABLE):
-                    # an I/O error may pass (a file system hiccup): falling back would roll the run
-                    # back and move the newer checkpoints aside, so stop and let a retry decide
-                    raise CheckpointError(f"checkpoint {path} could not be read ({problem}); nothing was "
-                                          f"moved or deleted: start again once the file system is healthy, "
-                                          f"or resume from another checkpoint with --resume PATH")
-                damaged.append(f"{path} ({problem})")
+        listed = on_rank0(self.rank, lambda: [str(p) for _, p in list_checkpoints(self.root)])
+        damaged = []
+        for path in map(Path, listed):
+            problem = self._shared_verify(path)  # the same answer on every rank: they raise together
+            if problem is None:
+                self._verified = path
+                return path
+            if problem.startswith(UNREADABLE):
+                # an I/O error may pass (a file system hiccup): falling back would roll the run
+                # back and move the newer checkpoints aside, so stop and let a retry decide
+                raise CheckpointError(f"checkpoint {path} could not be read ({problem}); nothing was "
+                                      f"moved or deleted: start again once the file system is healthy, "
+                                      f"or resume from another checkpoint with --resume PATH")
+            damaged.append(f"{path} ({problem})")
+            if self.rank == 0:
                 log.warning("checkpoint %s is damaged (%s); falling back to the one before", path, problem)
-            if damaged:
-                raise CheckpointError(
-                    f"every checkpoint in {self.root} is damaged: {'; '.join(damaged)}. Nothing was deleted; "
-                    f"repair or remove them, or resume from another checkpoint with --resume PATH"
-                )
-            return None
-
-        choice = on_rank0(self.rank, choose)
-        return Path(choice) if choice else None
+        if damaged:
+            raise CheckpointError(
+                f"every checkpoint in {self.root} is damaged: {'; '.join(damaged)}. Nothing was deleted; "
+                f"repair or remove them, or resume from another checkpoint with --resume PATH"
+            )
+        return None
 
     def load(self, path: Path, tensors: dict[str, Any],
              extra_reader: Optional[Callable[[Path], None]] = None,
              check: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
         """Load ``tensors`` in place (DCP reshards to this run's layout); returns trainer.json.
 
-        Rank 0 verifies the checkpoint (unless :meth:`find_latest` just did) and reads trainer.json;
-        every rank then gets it, or raises rank 0's error. ``check(trainer_state)``, called on every
+        All ranks verify the checkpoint together (unless :meth:`find_latest` just did); rank 0 reads
+        trainer.json and every rank gets it, or raises rank 0's error. ``check(trainer_state)``, called on every
         rank before any tensor is read, raises when this run cannot load the checkpoint (another
         backend or model). ``extra_reader(path)``, called on every rank after the verification,
         reads what an ``extra_writer`` wrote."""
         path = Path(path)
 
-        def read() -> dict[str, Any]:
-            problem = None if path == self._verified else verify(path)
+        if path != self._verified:
+            problem = self._shared_verify(path)
             if problem is not None:
                 raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-            return json.loads((path / "trainer.json").read_text())
-
-        state = on_rank0(self.rank, read)
+        state = on_rank0(self.rank, lambda: json.loads((path / "trainer.json").read_text()))
         if check is not None:
             check(state)
         dcp.load(tensors, checkpoint_id=str(path))

@@ -205,3 +205,12 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
     return obj
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
