@@ -1,10 +1,9 @@
 """DDP and FSDP2 over real gloo process groups agree with one process; HSDP, AC, compile, two agents."""
-import socket
 import subprocess
 
 import pytest
 
-from tests.helpers.runs import REPO, TORCHRUN, env, losses, train
+from tests.helpers.runs import REPO, TORCHRUN, env, free_port, losses, train
 
 STEPS = ["train.steps=5", "train.ckpt_every=0"]
 
@@ -70,15 +69,9 @@ def test_global_batch_not_divisible_is_a_clear_error(tmp_path, npz):
     assert "data.global_batch_size=13 is not divisible by the world size 2" in proc.stdout + proc.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_agents_nnodes_2(tmp_path, npz, reference):
     """torchrun --nnodes=2 with two agents on one machine: the same code path as two real nodes."""
-    port = _free_port()
+    port = free_port()
     args = ["--config", str(REPO / "configs/demo.yaml"), "--run-dir", str(tmp_path / "run"), f"data.path={npz}"]
     from tests.helpers.runs import TINY
 

@@ -3,16 +3,14 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.helpers.runs import losses, train
+from tests.helpers.runs import losses, spawn_ranks, train
 
 COMMON = ["parallel.backend=fsdp2", "train.ckpt_every=2", "checkpoint.keep_last=3", "data.audit=true"]
 
@@ -162,12 +160,6 @@ PG_TIMEOUT_S = 20  # a rank left waiting for rank 0 fails only after this
 PROMPT_S = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank0_errors_worker(rank, port, root, out):
     from mpdit_dist.checkpoint import COMPLETE, CheckpointManager
 
@@ -230,14 +222,7 @@ def test_rank0_errors_raise_on_every_rank_promptly(tmp_path):
     raise the same error at once, not wait at the next collective until the process-group timeout."""
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.start_processes(_rank0_errors_worker, args=(_free_port(), str(tmp_path / "runs"), str(out)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 10 * PG_TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the ranks did not finish")
+    spawn_ranks(_rank0_errors_worker, (str(tmp_path / "runs"), str(out)), nprocs=2, deadline_s=10 * PG_TIMEOUT_S)
     r = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     names = ["load_missing", "find_latest_eio", "find_latest_all_damaged", "finalize_manifest", "save_mkdir"]
     for rank in (0, 1):

@@ -5,16 +5,14 @@ import datetime
 import errno
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mpdit_dist import checkpoint as ck
+from tests.helpers.runs import spawn_ranks
 
 PG_TIMEOUT_S = 20
 PROMPT_S = 8
@@ -30,12 +28,6 @@ def test_split_by_size_is_balanced_and_deterministic():
     assert max(loads) - min(loads) <= 10 and sum(loads) == 350, loads
     assert ck.split_by_size(files, 1) == [sorted(f for f, _ in files)]
     assert ck.split_by_size([("a", 1)], 4) == [["a"], [], [], []]  # more ranks than files
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, root, out):
@@ -103,14 +95,7 @@ def _worker(rank, port, root, out):
 def test_checksums_are_shared_and_errors_reach_every_rank(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "runs"), str(out)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 10 * PG_TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the ranks did not finish")
+    spawn_ranks(_worker, (str(tmp_path / "runs"), str(out)), nprocs=2, deadline_s=10 * PG_TIMEOUT_S)
     r = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     # the save: every file of the checkpoint read exactly once, by one of the two ranks, both working

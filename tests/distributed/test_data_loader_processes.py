@@ -4,7 +4,6 @@ states agree, and the audit logs record it. (MDS goes through the same sampler; 
 covered with simulated ranks in tests/unit/test_data_shards.py, kept out of here for speed.)"""
 import json
 import os
-import socket
 from collections import Counter
 
 import pytest
@@ -16,14 +15,9 @@ from data_prep.encode import encode_dataset
 from data_prep.fixtures import write_digits_image_folder
 from mpdit_dist.config import DataConfig
 from mpdit_dist.data import build_loader, read_audit
+from tests.helpers.runs import free_port
 
 STEPS = 9  # 9 x 12 = 108 positions over 40 samples: epochs 0, 1 and part of 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(data, fmt, audit):
@@ -67,7 +61,7 @@ def digits(tmp_path_factory):
 
 def test_two_processes_read_their_parts_of_the_one_process_batches(digits, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "result.json"
-    mp.start_processes(_worker, args=(2, _free_port(), str(digits), str(run_dir), str(out)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), str(digits), str(run_dir), str(out)), nprocs=2,
                        join=True, start_method="spawn")
     result = json.loads(out.read_text())
     for fmt in ("wds",):

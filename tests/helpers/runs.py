@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,24 @@ def losses(run_dir: Path) -> dict[int, float]:
     from mpdit_dist.tracking import read_metrics
 
     return {int(m["step"]): float(m["loss"]) for m in read_metrics(run_dir)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, args: tuple, nprocs: int, deadline_s: float) -> None:
+    """``worker(rank, port, *args)`` in ``nprocs`` spawned processes (each rank on a fresh port's
+    gloo group); they are killed and the test fails when they have not finished after ``deadline_s``."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {nprocs} ranks did not finish within {deadline_s} s")
