@@ -185,7 +185,7 @@ def verify(d: Path) -> Optional[str]:
 
 
 def _manifest_head(d: Path) -> tuple[Optional[str], dict[str, Any]]:
-    """The cheap half of :func:`verify`: (problem, None) when the manifest is missing or
+    """The cheap half of :func:`verify`: (problem, {}) when the manifest is missing or
     unreadable, or a file is missing or has another size; else (None, the manifest's entries)."""
     try:
         meta = d / COMPLETE
