@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import config as C
 from . import preemption
-from .checkpoint import CheckpointManager, code_version, fault_point
+from .checkpoint import CheckpointManager, code_version, fault_point, list_checkpoints
 from .distributed.env import DistInfo, init_distributed, shutdown
 from .ema import EMA, clean_name
 from .flops import device_peak_flops, train_flops_per_image
@@ -34,6 +34,11 @@ from .sample import decode_to_uint8, generate, save_grid
 log = logging.getLogger("mpdit_dist.trainer")
 
 STOP_VOTE_EVERY = 10  # steps between the ranks' agreement on a stop request
+_NONE_BAD = 2**62  # "no non-finite step seen" in the ranks' MIN vote
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite; nothing of that state was saved."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,12 +294,41 @@ class Trainer:
         self.step = int(tstate["step"])
         if self.scheduler is not None and tstate.get("scheduler"):
             self.scheduler.load_state_dict(tstate["scheduler"])
+        self._apply_optim_config()
         self.loader.load_state_dict(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
         if self.ckpt.holds(path):
             self.ckpt.supersede_after(self.step)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step,
                      tstate.get("world_size", 0), self.dist.world_size)
+
+    def _apply_optim_config(self) -> None:
+        """After a resume: the learning rate, betas, eps and weight decay are this run's config's.
+        The optimizer and scheduler states carry the values they were saved with, which would
+        otherwise silently win, so resuming with, say, a lower ``optim.lr`` after a divergence
+        would change nothing. Unchanged settings leave the state bit for bit as saved (an exact
+        resume); changed ones are logged. A scheduler from a user's DeepSpeed JSON is left alone."""
+        sched = self.scheduler
+        if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return
+        o = self.cfg.optim
+        want = {"betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        changed: dict[str, tuple[Any, Any]] = {}
+        if any(b != o.lr for b in sched.base_lrs):
+            changed["lr"] = (sched.base_lrs[0], o.lr)
+        sched.base_lrs = [o.lr] * len(sched.base_lrs)
+        for group, lmbda in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            for key, value in want.items():
+                old = tuple(group[key]) if key == "betas" else group[key]
+                if old != value:
+                    changed[key] = (old, value)
+                    group[key] = value
+            group["initial_lr"] = o.lr
+            group["lr"] = o.lr * lmbda(sched.last_epoch)  # what the scheduler's last step would have set
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]  # get_last_lr() agrees
+        if changed and self.dist.is_main:
+            log.warning("resumed with optimizer settings other than the checkpoint's; this run's config applies "
+                        "from here: %s", ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
     def _check_resumable(self, tstate: dict[str, Any], path: Path) -> None:
         """Raise, naming the checkpoint and the keys, when this run cannot continue it. Called on
@@ -415,6 +449,32 @@ class Trainer:
         return Tracker(self.cfg.tracking, self.run_dir, rank=self.dist.rank,
                        results_dir=Path(self.cfg.results_dir), params=params, tags=tags)
 
+    def _stop_if_diverged(self, first_bad: torch.Tensor, weights: bool = False) -> None:
+        """Collective, at steps every rank reaches alike: raise :class:`TrainingDiverged` on every
+        rank once any rank has seen a non-finite loss or gradient norm (or, with ``weights``, holds
+        a non-finite weight: an update can overflow after a finite step). Called before any sample
+        grid or checkpoint, so a diverged state is never saved: retention would otherwise delete
+        the good checkpoints one save after another, and a resume would continue the divergence."""
+        bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, _NONE_BAD))
+        if weights:
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
+            checks = [torch.isfinite(t).all() for t in local if t.numel()]  # ZeRO-3 leaves empty placeholders
+            if checks:
+                finite = torch.stack(checks).all().to(bad.device)
+                bad = torch.where(finite, bad, torch.minimum(bad, torch.full_like(bad, self.step)))
+        if self.dist.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        step = int(bad)
+        if step == _NONE_BAD:
+            return
+        ckpts = [p.name for _, p in list_checkpoints(self.ckpt.root)]
+        raise TrainingDiverged(
+            f"training diverged: the loss, the gradient norm or the weights were not finite at step {step} (the "
+            f"first such step on any rank); stopped at step {self.step} without saving this state. Newest checkpoint: "
+            f"{ckpts[0] if ckpts else 'none'} in {self.ckpt.root}. Resume from it (--resume auto) or, since the "
+            f"last steps before a divergence may already have ruined the weights, from an earlier one (--resume "
+            f"PATH), with for example a lower optim.lr, a longer optim.warmup_steps or optim.grad_clip > 0")
+
     def _reduce_loss(self, loss: torch.Tensor) -> float:
         if self.dist.distributed:
             loss = loss.clone()
@@ -521,6 +581,9 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc="train")
         it = iter(self.loader)
         window_loss = torch.zeros((), device=self.device)
+        # the first step whose loss or gradient norm was not finite (-1: none), kept on the device:
+        # read only where the loop synchronises anyway (logging, before sampling and checkpoints)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         # window_other: time in sampling, evaluation and checkpointing, which img/s leaves out
         window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
         if self.device.type == "cuda":
@@ -531,12 +594,17 @@ class Trainer:
             window_data += time.perf_counter() - t0
             loss, grad_norm = self.train_step(batch)
             fault_point("step", self.step)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor (no communication)
+                grad_norm = grad_norm.full_tensor()
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
+            first_bad.masked_fill_(~finite & (first_bad < 0), self.step)
             window_loss += loss
             window_steps += 1
             step = self.step
             if step % cfg.train.log_every == 0 or step == total:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
+                self._stop_if_diverged(first_bad)
                 elapsed = max(time.perf_counter() - t_window - window_other, 1e-9)
                 loss_v = self._reduce_loss(window_loss / window_steps)
                 img_s = window_steps * cfg.data.global_batch_size / elapsed
@@ -578,6 +646,7 @@ class Trainer:
                 # their time is not the steps': img/s and step_time_s of the window leave it out
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # the step's own kernels count for the step
+                self._stop_if_diverged(first_bad, weights=ckpt_due)  # never sample from, or save, a diverged state
                 t_other = time.perf_counter()
                 if sample_due:
                     self.sample_grid()

@@ -86,3 +86,17 @@ def test_two_agents_nnodes_2(tmp_path, npz, reference):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     _close(reference, losses(tmp_path / "run"), rel=1e-6)
+
+
+def test_divergence_stops_every_fsdp2_rank_before_a_save(tmp_path, npz):
+    """A real divergence (AdamW at lr 1e6) under FSDP2 on 2 ranks: both ranks stop at the same step
+    (the vote is a collective; the gradient norm is a DTensor), and no diverged state is saved."""
+    run = tmp_path / "run"
+    proc = train(run, npz, ["train.steps=10", "train.ckpt_every=1", "train.log_every=4", "optim.lr=1e6",
+                            "optim.warmup_steps=0", "parallel.backend=fsdp2"], nproc=2, check=False, timeout=240)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: mpdit_dist.trainer.TrainingDiverged: training diverged" in proc.stderr, proc.stderr[-3000:]
+    newest = max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert f"Newest checkpoint: step_{newest:08d}" in proc.stderr
+    assert f"not finite at step {newest + 1} " in proc.stderr

@@ -214,3 +214,61 @@ def test_other_backend_or_model_is_refused_before_loading(tmp_path, npz):
     assert losses(run).keys() == {1, 2}
     proc = train(run, npz, ["train.steps=3", "parallel.backend=fsdp2"])
     assert "at step 2" in proc.stderr and max(losses(run)) == 3
+
+
+def test_divergence_stops_before_saving_and_an_earlier_checkpoint_recovers(tmp_path, npz):
+    import re
+
+    run = tmp_path / "run"
+    common = ["train.ckpt_every=1", "train.log_every=4", "optim.warmup_steps=0"]
+    train(run, npz, common + ["train.steps=2"])  # healthy steps 1-2
+    # then AdamW at lr 1e6 overflows the activations within a few steps: a real divergence
+    proc = train(run, npz, common + ["train.steps=10", "optim.lr=1e6"], check=False)
+    assert proc.returncode != 0 and "TrainingDiverged" in proc.stderr, proc.stderr[-2000:]
+    m = re.search(r"not finite at step (\d+) \(the first such step on any rank\); stopped at step (\d+) without "
+                  r"saving this state\. Newest checkpoint: step_(\d+)", proc.stderr)
+    assert m, proc.stderr[-2000:]
+    bad, stopped, newest = map(int, m.groups())
+    assert 2 < bad <= stopped < 10 and newest == bad - 1  # checked before each save (every step here)
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
+    assert saved[-1] == newest  # nothing of the diverged state was saved
+    # the way out the error names: back to a healthy checkpoint with a sane learning rate
+    train(run, npz, common + ["train.steps=4"], resume=str(run / "checkpoints" / "step_00000002"))
+    assert sorted(losses(run))[-1] == 4
+
+
+def test_a_non_finite_weight_stops_before_a_save(tmp_path):
+    """An update can overflow the weights after a step whose loss and gradient norm were finite: the
+    check before a save looks at the weights too."""
+    from types import SimpleNamespace
+
+    from mpdit_dist.checkpoint import CheckpointManager
+    from mpdit_dist.trainer import Trainer, TrainingDiverged
+
+    model = torch.nn.Linear(3, 2)
+    t = SimpleNamespace(raw_model=model, dist=SimpleNamespace(distributed=False), step=7,
+                        ckpt=CheckpointManager(tmp_path / "run"))
+    none_seen = torch.tensor(-1)
+    Trainer._stop_if_diverged(t, none_seen, weights=True)  # all finite: returns
+    with torch.no_grad():
+        model.weight[0, 1] = float("inf")
+    Trainer._stop_if_diverged(t, none_seen, weights=False)  # the weights are looked at only before saves
+    with pytest.raises(TrainingDiverged, match="not finite at step 7 .*Newest checkpoint: none"):
+        Trainer._stop_if_diverged(t, none_seen, weights=True)
+    with pytest.raises(TrainingDiverged, match="not finite at step 5 "):  # an earlier bad step is named first
+        Trainer._stop_if_diverged(t, torch.tensor(5), weights=True)
+
+
+def test_resume_applies_the_configs_optimizer_settings(tmp_path, npz):
+    """The optimizer state carries the lr, betas and weight decay it was saved with; the config's
+    must win on resume (and be logged), or a resume with a lower lr after a divergence changes nothing."""
+    from mpdit_dist.tracking import read_metrics
+
+    run = tmp_path / "run"
+    common = ["train.ckpt_every=2", "optim.warmup_steps=0"]
+    train(run, npz, common + ["train.steps=2", "optim.lr=1e-3"])
+    proc = train(run, npz, common + ["train.steps=4", "optim.lr=2.5e-4", "optim.weight_decay=0.05"])
+    assert "optim.lr 0.001 -> 0.00025" in proc.stderr and "optim.weight_decay 0.0 -> 0.05" in proc.stderr, \
+        proc.stderr[-2000:]
+    lr = {int(m["step"]): m["lr"] for m in read_metrics(run) if "lr" in m}
+    assert lr[2] == pytest.approx(1e-3) and lr[3] == pytest.approx(2.5e-4) and lr[4] == pytest.approx(2.5e-4)
