@@ -64,7 +64,7 @@ import torch.nn as nn
 import yaml
 
 from mpdit_dist import config as C
-from mpdit_dist.distributed.parallelize import apply_activation_checkpointing, parallelize
+from mpdit_dist.distributed.parallelize import parallelize
 from mpdit_dist.ema import EMA
 from mpdit_dist.flops import device_peak_flops, train_flops_per_image
 from mpdit_dist.flow import FlowMatching

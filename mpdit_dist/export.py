@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import CheckpointManager, verify

@@ -26,7 +26,7 @@ from . import config as C
 from . import preemption
 from .checkpoint import CheckpointManager, code_version, fault_point, list_checkpoints
 from .distributed.env import DistInfo, init_distributed, shutdown
-from .ema import EMA, clean_name
+from .ema import EMA
 from .flops import device_peak_flops, train_flops_per_image
 from .flow import FlowMatching
 from .sample import decode_to_uint8, generate, save_grid

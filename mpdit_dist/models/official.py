@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .mpdit import MODEL_CONFIGS, MPDiT, ModelArgs, model_args
+from .mpdit import MODEL_CONFIGS, MPDiT, ModelArgs
 
 # official prefix -> our prefix, per layout
 _V1_MAP = {
