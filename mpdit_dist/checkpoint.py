@@ -26,13 +26,18 @@ an older checkpoint of the same directory (an explicit ``--resume PATH``, or a f
 damaged checkpoints), :meth:`CheckpointManager.supersede_after` moves the later checkpoints aside
 into ``checkpoints/superseded-<time>/``, kept for the user but out of resume and retention.
 
-The checksums are everyone's work: at a save, each rank reads (checksums and fsyncs) an equal
-share of the files by bytes (:func:`split_by_size`), and at resume each rank verifies its share;
-for an XL run (8-11 GB a checkpoint) rank 0 alone would read every byte while the others wait.
-Rank 0 alone does the rest of the file work (listing, the manifest, renames, retention);
-:func:`on_rank0` broadcasts its outcome, so an error there is raised on every rank instead of
-leaving the others waiting at the next collective. Durability: every file is fsynced before the
-manifest, the directories before and after the rename.
+The checksums are everyone's work: at a save, rank 0 lists the files (with their sizes) and
+broadcasts the listing, each rank reads (checksums and fsyncs) its share, about equal in bytes
+(:func:`split_by_size`, the same split on every rank), and rank 0 gathers the results into the
+manifest; at resume rank 0 checks the manifest, presence and sizes, each rank checksums its share,
+and the verdict is the one a single reader would give (:func:`verify` stays the one-process form).
+For an XL run (8-11 GB a checkpoint) rank 0 alone would read every byte while the others wait.
+Rank 0 alone does the rest of the file work (listing, the manifest, renames, retention). Errors
+never leave a rank waiting at the next collective: :func:`on_rank0` broadcasts rank 0's outcome,
+:func:`on_every_rank` gathers every rank's, so an error on any rank is raised on every rank, naming
+the rank and the file. Durability: every file is fsynced by the rank that checksums it, then
+``COMPLETE.json``, the directory and its subdirectories before the rename, and the checkpoints
+directory after it.
 """
 from __future__ import annotations
 
@@ -83,6 +88,25 @@ def on_rank0(rank: int, fn: Callable[[], Any]) -> Any:
     if message is not None:
         raise CheckpointError(f"rank 0 failed: {message}")
     return result
+
+
+def on_every_rank(rank: int, fn: Callable[[], Any], what: str) -> list[Any]:
+    """Collective: ``fn()`` on every rank; every rank's result, in rank order, returned on every rank.
+    An exception on any rank raises a :class:`CheckpointError` on every rank (``what``, then each
+    failed rank and its message; chained to the exception on the rank where it happened), so no
+    rank is left waiting at a later collective for one that has failed."""
+    result, error, message = None, None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - every error must reach the other ranks
+        error = exc
+        text = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+        message = f"rank {rank}: {text}"
+    gathered = all_gather_object((result, message))
+    failed = [m for _, m in gathered if m is not None]
+    if failed:
+        raise CheckpointError(f"{what}: {'; '.join(failed)}") from error
+    return [r for r, _ in gathered]
 
 
 def fault_point(name: str, step: int) -> None:
@@ -142,6 +166,26 @@ def _checksum_file(path: Path, sync: bool = False) -> dict[str, int]:
     return {"size": size, "crc32": crc}
 
 
+def _naming(exc: OSError, rel: str) -> str:
+    """``exc``'s message, with the file ``rel`` named when the error does not name one (a failed
+    ``read`` does not; a failed ``open`` does)."""
+    return str(exc) if exc.filename is not None else f"{exc} ({rel})"
+
+
+def _checksum_files(d: Path, rels: list[str], sync: bool) -> dict[str, dict[str, int]]:
+    """{rel: {"size", "crc32"}} of the files ``rels`` of ``d`` (see :func:`_checksum_file`); an
+    error names the file it happened on."""
+    out: dict[str, dict[str, int]] = {}
+    for rel in rels:
+        try:
+            out[rel] = _checksum_file(d / rel, sync=sync)
+        except OSError as exc:
+            raise CheckpointError(f"{rel}: {_naming(exc, rel)}") from exc
+        except Exception as exc:  # noqa: BLE001 - named and passed on
+            raise CheckpointError(f"{rel}: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
 def _fsync_dir(path: Path) -> None:
     """Make the entries of directory ``path`` durable (a no-op where the file system refuses)."""
     try:
@@ -181,7 +225,10 @@ def verify(d: Path) -> Optional[str]:
     included: an ``OSError`` is a reason, never an exception). One process reads every file; a
     :class:`CheckpointManager` shares the reading among its ranks."""
     problem, entries = _manifest_head(d)
-    return problem if problem is not None else _crc_problem(d, sorted(entries), entries)
+    if problem is not None:
+        return problem
+    found = _crc_problem(d, sorted(entries), entries)
+    return None if found is None else found[1]
 
 
 def _manifest_head(d: Path) -> tuple[Optional[str], dict[str, Any]]:
@@ -207,15 +254,18 @@ def _manifest_head(d: Path) -> tuple[Optional[str], dict[str, Any]]:
         return f"{UNREADABLE}: {exc}", {}
 
 
-def _crc_problem(d: Path, rels: list[str], entries: dict[str, Any]) -> Optional[str]:
-    """The expensive half of :func:`verify`, for the files ``rels``: the first checksum mismatch,
-    an unreadable file, or None."""
-    try:
-        for rel in rels:
-            if _checksum_file(d / rel)["crc32"] != entries[rel]["crc32"]:
-                return f"{rel} checksum mismatch"
-    except OSError as exc:
-        return f"{UNREADABLE}: {exc}"
+def _crc_problem(d: Path, rels: list[str], entries: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """The expensive half of :func:`verify`, for the files ``rels`` in their order: (the file, what is
+    wrong) for the first whose checksum differs or that cannot be read, or None. Reading stops at
+    the first problem, so with ``rels`` sorted the answer is that of the first file in name order:
+    for shares of one sorted list, the smallest of the shares' answers is the whole list's."""
+    for rel in rels:
+        try:
+            crc = _checksum_file(d / rel)["crc32"]
+        except OSError as exc:
+            return rel, f"{UNREADABLE}: {_naming(exc, rel)}"
+        if crc != entries[rel]["crc32"]:
+            return rel, f"{rel} checksum mismatch"
     return None
 
 
@@ -282,7 +332,7 @@ class CheckpointManager:
     keep_every: int = 0
     _pending: Optional[tuple] = field(default=None, repr=False)  # (step, tmp, final, future) not yet visible
     _group: Any = field(default=None, repr=False)  # gloo group of the async writes
-    _verified: Optional[Path] = field(default=None, repr=False)  # just verified by find_latest (rank 0)
+    _verified: Optional[Path] = field(default=None, repr=False)  # just verified by find_latest (every rank)
 
     @property
     def root(self) -> Path:
@@ -362,34 +412,28 @@ class CheckpointManager:
     def _shared_manifest(self, d: Path) -> dict[str, dict[str, int]]:
         """Collective: the manifest entries of ``d``. Each rank reads (checksums and fsyncs) its
         share of the files (:func:`split_by_size`), so a save's checksum work is spread over all
-        ranks instead of rank 0 reading every byte; an I/O error on any rank raises on every rank,
-        naming the rank and the file."""
-        listing = on_rank0(self.rank, lambda: _listing(d))
+        ranks instead of rank 0 reading every byte; an error on any rank (I/O or other) raises on
+        every rank, naming the rank and the file (:func:`on_every_rank`)."""
+        listing = on_rank0(self.rank, lambda: _listing(d))  # one listing: a lagging file system agrees
         share = split_by_size(listing, self._world())[self.rank]
-        try:
-            mine, error = {rel: _checksum_file(d / rel, sync=True) for rel in share}, None
-        except OSError as exc:
-            mine, error = {}, f"rank {self.rank}: {exc}"
-        gathered = all_gather_object((mine, error))
-        errors = [e for _, e in gathered if e]
-        if errors:
-            raise CheckpointError(f"cannot checksum checkpoint {d}: {'; '.join(errors)}")
         entries: dict[str, dict[str, int]] = {}
-        for part, _ in gathered:
+        for part in on_every_rank(self.rank, lambda: _checksum_files(d, share, sync=True),
+                                  f"cannot checksum checkpoint {d}"):
             entries.update(part)
         return entries
 
     def _shared_verify(self, d: Path) -> Optional[str]:
-        """Collective :func:`verify`, with the same answer on every rank: rank 0 checks the manifest,
-        the presence and the sizes; the checksums are shared out like a save's. An unreadable file
-        anywhere wins over a mismatch (it stops a resume instead of rolling it back)."""
+        """Collective :func:`verify`, with the same answer on every rank and the same answer as
+        :func:`verify`: rank 0 checks the manifest, the presence and the sizes; the checksums are
+        shared out like a save's, each rank reporting the first problem of its (sorted) share, and
+        the first of those by file name is the answer (the one a single reader stops at)."""
         problem, entries = on_rank0(self.rank, lambda: _manifest_head(d))
         if problem is not None:
             return problem
         share = split_by_size([(rel, int(info["size"])) for rel, info in entries.items()], self._world())[self.rank]
-        problems = [p for p in all_gather_object(_crc_problem(d, share, entries)) if p is not None]
-        unreadable = [p for p in problems if p.startswith(UNREADABLE)]
-        return (unreadable or problems or [None])[0]
+        found = [f for f in on_every_rank(self.rank, lambda: _crc_problem(d, share, entries),
+                                          f"cannot verify checkpoint {d}") if f is not None]
+        return min(found)[1] if found else None
 
     def wait_pending(self, timeout_s: float = 600.0) -> None:
         """This rank only (no collective, safe on an error path): wait for a pending async write to
