@@ -3,14 +3,13 @@ import datetime
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.runs import losses, spawn_ranks, train
+from tests.helpers.runs import attempt as record, losses, spawn_ranks, train
 
 COMMON = ["parallel.backend=fsdp2", "train.ckpt_every=2", "checkpoint.keep_last=3", "data.audit=true"]
 
@@ -169,13 +168,7 @@ def _rank0_errors_worker(rank, port, root, out):
     results = {}
 
     def attempt(name, fn):
-        dist.barrier()
-        t0 = time.monotonic()
-        try:
-            results[name] = ["returned", str(fn()), 0.0]
-        except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
-            results[name] = [type(exc).__name__, str(exc), 0.0]
-        results[name][2] = time.monotonic() - t0
+        record(results, name, fn)
 
     def tensors():
         return {"w": torch.arange(4.0)}

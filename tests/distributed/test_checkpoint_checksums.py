@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mpdit_dist import checkpoint as ck
-from tests.helpers.runs import spawn_ranks
+from tests.helpers.runs import attempt as record, spawn_ranks
 
 PG_TIMEOUT_S = 20
 PROMPT_S = 8
@@ -118,13 +117,7 @@ def _worker(rank, port, root, out):
     ck._checksum_file = counting
 
     def attempt(name, fn):
-        dist.barrier()
-        t0 = time.monotonic()
-        try:
-            results[name] = ["returned", str(fn()), 0.0]
-        except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
-            results[name] = [type(exc).__name__, str(exc), 0.0]
-        results[name][2] = time.monotonic() - t0
+        record(results, name, fn)
 
     def tensors(step):  # sharded like FSDP: each rank holds its own rows, several files
         return {f"w{i}": torch.full((64 * (i + 1),), float(step * 10 + rank)) for i in range(4)}

@@ -84,3 +84,18 @@ def spawn_ranks(worker, args: tuple, nprocs: int, deadline_s: float) -> None:
             for proc in ctx.processes:
                 proc.kill()
             pytest.fail(f"the {nprocs} ranks did not finish within {deadline_s} s")
+
+
+def attempt(results: dict, name: str, fn) -> None:
+    """In a gloo rank of a test: start ``fn()`` together with the other ranks (a barrier), record
+    ``[outcome, message, seconds]`` under ``name``: "returned" and ``str`` of the result, or the
+    exception's type name and message."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.monotonic()
+    try:
+        results[name] = ["returned", str(fn()), 0.0]
+    except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+        results[name] = [type(exc).__name__, str(exc), 0.0]
+    results[name][2] = time.monotonic() - t0
