@@ -31,7 +31,6 @@ import datetime
 import importlib.util
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -42,6 +41,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mpdit_dist.distributed.env import free_port  # noqa: E402
 
 
 def _checkpoint_module(path: str | None):
@@ -108,9 +109,7 @@ def main() -> None:
     args = p.parse_args()
     module = str(Path(args.checkpoint_module).resolve()) if args.checkpoint_module else None
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         out = Path(tmp) / "result.json"
         mp.start_processes(_worker, args=(args.ranks, port, str(Path(tmp) / "run"), args.mb, module, str(out)),
                            nprocs=args.ranks, start_method="spawn")

@@ -396,13 +396,18 @@ class CheckpointManager:
             future.result()
         fault_point("save", step)
         barrier()
+        self._publish(tmp, final, then=lambda: self._retain(step))
+
+    def _publish(self, tmp: Path, final: Path, then: Callable[[], None]) -> None:
+        """Collective: checksum ``tmp`` (shared by the ranks), then on rank 0 write its manifest,
+        rename it to ``final`` durably, and ``then()``."""
         entries = self._shared_manifest(tmp)
 
         def publish() -> None:
             write_manifest(tmp, entries)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            self._retain(step)
+            then()
 
         on_rank0(self.rank, publish)
 
@@ -479,17 +484,10 @@ class CheckpointManager:
             return finished
 
         for p in map(Path, on_rank0(self.rank, scan)):
-            entries = self._shared_manifest(p)
-
-            def publish(p: Path = p, entries: dict = entries) -> None:
-                final = self.root / p.name[len("tmp-"):]
-                write_manifest(p, entries)
-                os.replace(p, final)
-                _fsync_dir(self.root)
-                log.warning("checkpoint %s had been written but not made visible (the run stopped "
-                            "first): checksummed and renamed to %s", p, final.name)
-
-            on_rank0(self.rank, publish)
+            final = self.root / p.name[len("tmp-"):]
+            self._publish(p, final, then=lambda p=p, final=final: log.warning(
+                "checkpoint %s had been written but not made visible (the run stopped first): checksummed "
+                "and renamed to %s", p, final.name))
 
     def refuse_second_run(self, resume: str) -> None:
         """Collective: raise when ``resume`` would begin a second run in this run directory while it
@@ -591,7 +589,7 @@ class CheckpointManager:
         if extra_reader is not None:
             extra_reader(path)
         rng = path / "rng" / f"rank{self.rank}.pt"
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = self._world()
         if state.get("world_size") != world:
             if self.rank == 0:
                 log.info("checkpoint %s was written by %s ranks, this run has %d: RNG states not restored "

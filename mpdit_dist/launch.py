@@ -294,12 +294,6 @@ def _patched_environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def distributed_environ(env, cluster: str) -> dict[str, str]:
     """torchrun-style variables from a submitit ``JobEnvironment`` (set before ``train``)."""
     ntasks, nnodes = env.num_tasks, max(1, env.num_nodes)
@@ -308,7 +302,9 @@ def distributed_environ(env, cluster: str) -> dict[str, str]:
     elif cluster == "local":
         addr, port = "127.0.0.1", master_port(env.job_id)
     else:  # debug: in the submitting process, a single rank
-        addr, port = "127.0.0.1", _free_port()
+        from .distributed.env import free_port
+
+        addr, port = "127.0.0.1", free_port()
     return {"RANK": str(env.global_rank), "WORLD_SIZE": str(ntasks), "LOCAL_RANK": str(env.local_rank),
             "LOCAL_WORLD_SIZE": str(ntasks // nnodes), "MASTER_ADDR": str(addr), "MASTER_PORT": str(port)}
 

@@ -452,8 +452,8 @@ class Trainer:
     def _stop_if_diverged(self, first_bad: torch.Tensor, weights: bool = False) -> None:
         """Collective, at steps every rank reaches alike: raise :class:`TrainingDiverged` on every
         rank once any rank has seen a non-finite loss or gradient norm (or, with ``weights``, holds
-        a non-finite weight: an update can overflow after a finite step). Called before any sample
-        grid or checkpoint, so a diverged state is never saved: retention would otherwise delete
+        a non-finite weight: an update can overflow after a finite step). Called at every log step and
+        before any sample grid, evaluation or checkpoint, so a diverged state is never saved: retention would otherwise delete
         the good checkpoints one save after another, and a resume would continue the divergence."""
         bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, _NONE_BAD))
         if weights:
@@ -601,10 +601,27 @@ class Trainer:
             window_loss += loss
             window_steps += 1
             step = self.step
-            if step % cfg.train.log_every == 0 or step == total:
+            stop = preemption.stop_requested()
+            # every rank must agree to stop at the same step; the vote is a host sync, so it is
+            # taken every STOP_VOTE_EVERY steps (a second or two), not at every step
+            if d.distributed:
+                if step % STOP_VOTE_EVERY == 0 or step == total:
+                    flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop = bool(flag.item())
+                else:
+                    stop = False  # a rank's own flag waits for the next vote
+            log_due = step % cfg.train.log_every == 0 or step == total
+            sample_due = cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0
+            eval_due = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0
+            ckpt_due = (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop
+            if log_due or sample_due or eval_due or ckpt_due:
                 if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self._stop_if_diverged(first_bad)
+                    torch.cuda.synchronize(self.device)  # the step's own kernels count for the step
+                # one vote per step, at steps every rank reaches alike: never log, sample from or
+                # save a diverged state (the weights too before a save)
+                self._stop_if_diverged(first_bad, weights=ckpt_due)
+            if log_due:
                 elapsed = max(time.perf_counter() - t_window - window_other, 1e-9)
                 loss_v = self._reduce_loss(window_loss / window_steps)
                 img_s = window_steps * cfg.data.global_batch_size / elapsed
@@ -629,24 +646,8 @@ class Trainer:
                 window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            stop = preemption.stop_requested()
-            # every rank must agree to stop at the same step; the vote is a host sync, so it is
-            # taken every STOP_VOTE_EVERY steps (a second or two), not at every step
-            if d.distributed:
-                if step % STOP_VOTE_EVERY == 0 or step == total:
-                    flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop = bool(flag.item())
-                else:
-                    stop = False  # a rank's own flag waits for the next vote
-            sample_due = cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0
-            eval_due = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0
-            ckpt_due = (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop
             if sample_due or eval_due or ckpt_due:
                 # their time is not the steps': img/s and step_time_s of the window leave it out
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # the step's own kernels count for the step
-                self._stop_if_diverged(first_bad, weights=ckpt_due)  # never sample from, or save, a diverged state
                 t_other = time.perf_counter()
                 if sample_due:
                     self.sample_grid()

@@ -146,7 +146,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, need_group: bo
     if need_group and "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -169,7 +169,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, need_group: bo
                     device=dev, backend=backend)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous or a server on this machine)."""
     import socket
 
     with socket.socket() as s:

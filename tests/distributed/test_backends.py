@@ -3,7 +3,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers.runs import REPO, TORCHRUN, env, free_port, losses, train
+from mpdit_dist.distributed.env import free_port
+from tests.helpers.runs import REPO, TORCHRUN, env, losses, train
 
 STEPS = ["train.steps=5", "train.ckpt_every=0"]
 

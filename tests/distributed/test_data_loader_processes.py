@@ -15,7 +15,7 @@ from data_prep.encode import encode_dataset
 from data_prep.fixtures import write_digits_image_folder
 from mpdit_dist.config import DataConfig
 from mpdit_dist.data import build_loader, read_audit
-from tests.helpers.runs import free_port
+from mpdit_dist.distributed.env import free_port
 
 STEPS = 9  # 9 x 12 = 108 positions over 40 samples: epochs 0, 1 and part of 2
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -65,17 +64,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {int(m["step"]): float(m["loss"]) for m in read_metrics(run_dir)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_ranks(worker, args: tuple, nprocs: int, deadline_s: float) -> None:
     """``worker(rank, port, *args)`` in ``nprocs`` spawned processes (each rank on a fresh port's
     gloo group); they are killed and the test fails when they have not finished after ``deadline_s``."""
     import pytest
     import torch.multiprocessing as mp
+
+    from mpdit_dist.distributed.env import free_port
 
     ctx = mp.start_processes(worker, args=(free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + deadline_s

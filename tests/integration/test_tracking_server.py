@@ -17,7 +17,7 @@ import requests
 
 from mpdit_dist.config import TrackingConfig
 from mpdit_dist.tracking import Tracker, read_metrics
-from tests.helpers.runs import free_port
+from mpdit_dist.distributed.env import free_port
 
 pytestmark = pytest.mark.slow
 
