@@ -118,6 +118,21 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_DELETING = "deleting-"  # a checkpoint retention is removing: renamed first, so never half-deleted as step_*
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed to ``deleting-<name>`` first (atomic), so that a crash
+    part-way never leaves a half-deleted ``step_*``; a deletion that fails is logged, not hidden."""
+    gone = path if path.name.startswith(_DELETING) else path.with_name(_DELETING + path.name)
+    try:
+        if gone != path:
+            os.replace(path, gone)
+        shutil.rmtree(gone)
+    except OSError as exc:
+        log.warning("could not delete old checkpoint %s: %s", path, exc)
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -319,7 +334,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw; this process may see fewer (srun binding one
+        # GPU per task after a torchrun start): restore those it has. They drive no training
+        # randomness (that is keyed on the step), so a difference costs nothing.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 @dataclass
@@ -461,7 +480,7 @@ class CheckpointManager:
         keep.add(newest)
         for s, p in ckpts:
             if s not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove(p)
 
     # -------------------------------------------------------------------------------------------
     def clean_partial(self) -> None:
@@ -473,6 +492,9 @@ class CheckpointManager:
             finished: list[str] = []
             if not self.root.is_dir():
                 return finished
+            for p in sorted(self.root.glob(f"{_DELETING}step_*")):
+                log.warning("removing %s (retention had begun to delete it when the run stopped)", p)
+                _remove(p)
             for p in sorted(self.root.glob("tmp-step_*")):
                 final = self.root / p.name[len("tmp-"):]
                 problem = "a complete checkpoint of that step exists" if final.exists() else write_finished(p)

@@ -6,6 +6,7 @@ key. The resolved tree is written to the run directory as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -258,6 +259,19 @@ def validate(cfg: Config) -> None:
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):  # nan passes every comparison below, and would surface as a divergence
+            raise ConfigError(f"{key}={value} must be a finite number")
+    if cfg.flow.p_std <= 0:
+        raise ConfigError(f"flow.p_std={cfg.flow.p_std} must be > 0")
+    for key, value in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if cfg.optim.eps <= 0:
+        raise ConfigError(f"optim.eps={cfg.optim.eps} must be > 0")
+    if (cfg.train.sample_every > 0 or cfg.train.eval_every > 0) and not cfg.train.sample_classes:
+        raise ConfigError(f"train.sample_classes=[] with train.sample_every={cfg.train.sample_every}: name the "
+                          "classes of the sample grids, or set train.sample_every=0")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two values in [0, 1)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
@@ -294,6 +308,18 @@ def validate(cfg: Config) -> None:
         model_args_from(cfg.model)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _floats(node, prefix: str = ""):
+    """(dotted key, value) of every float in the config tree (lists included)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
 
 
 def model_args_from(mcfg: ModelConfig):

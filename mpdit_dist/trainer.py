@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import config as C
 from . import preemption
 from .checkpoint import CheckpointManager, code_version, fault_point, list_checkpoints
-from .distributed.env import DistInfo, init_distributed, shutdown
+from .distributed.env import DistInfo, broadcast_object, init_distributed, shutdown
 from .ema import EMA
 from .flops import device_peak_flops, train_flops_per_image
 from .flow import FlowMatching
@@ -93,6 +93,15 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return g
 
 
+def _local_shard(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of parameter ``p``: FSDP2's local shard of a DTensor, ZeRO-3's partition
+    (``ds_tensor``: the parameter itself is an empty placeholder outside a forward), else ``p``."""
+    if hasattr(p, "to_local"):
+        return p.to_local()
+    part = getattr(p, "ds_tensor", None)
+    return part if part is not None and p.numel() == 0 else p
+
+
 def split_batch(global_batch: int, world: int, micro: Optional[int]) -> tuple[int, int, int]:
     """(per-rank batch, micro-batch, accumulation steps), with errors that name the keys."""
     if global_batch % world:
@@ -132,6 +141,7 @@ class Trainer:
         self.step = 0
         self.tracker = None
         self.engine = None  # DeepSpeed engine, when that backend is used
+        self._feature_net = None  # the evaluation's Inception network (rank 0), loaded once
         self.ckpt = CheckpointManager(self.run_dir, rank=self.dist.rank, keep_last=cfg.checkpoint.keep_last,
                                       keep_every=cfg.checkpoint.keep_every)
 
@@ -197,6 +207,50 @@ class Trainer:
         else:
             self.ema = EMA(self.raw_model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
         self.peak_flops = device_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self._check_sampling_inputs()
+
+    def _check_sampling_inputs(self) -> None:
+        """Collective: rank 0, which decodes the sample grids and computes the evaluation, checks
+        before the first step what they will need: the dataset's VAE (a dry decode of one latent,
+        which also loads it), the reference batch and the Inception weights (loaded). A problem is a
+        :class:`ConfigError` on every rank. Found only at the first grid, it would have stopped the
+        run on rank 0 alone, after ``train.sample_every`` steps of training."""
+        cfg = self.cfg
+        if cfg.train.sample_every <= 0 and cfg.train.eval_every <= 0:
+            return
+        problems: list[str] = []
+        if self.dist.is_main:
+            due = [f"train.{k}={getattr(cfg.train, k)}" for k in ("sample_every", "eval_every")
+                   if getattr(cfg.train, k) > 0]
+            try:
+                decode_to_uint8(torch.zeros((1, *self.sample_shape)), self.manifest, self.device, cfg.data.normalize)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                problems.append(f"{' and '.join(due)} decode samples through the dataset's encoder "
+                                f"{self.manifest.get('encoder')!r} (from its manifest), which failed here: "
+                                f"{type(exc).__name__}: {exc}")
+            if cfg.train.eval_every > 0:
+                missing = [f"train.{k}={getattr(cfg.train, k)}" for k in ("eval_reference", "eval_inception")
+                           if not Path(getattr(cfg.train, k)).is_file()]
+                if missing:
+                    problems.append(f"train.eval_every={cfg.train.eval_every}: no such file: {', '.join(missing)}")
+                else:
+                    try:
+                        self._load_feature_net()
+                    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                        problems.append(f"train.eval_inception={cfg.train.eval_inception} could not be loaded: "
+                                        f"{type(exc).__name__}: {exc}")
+        if self.dist.distributed:
+            problems = broadcast_object(problems)
+        if problems:
+            raise C.ConfigError("; ".join(problems))
+
+    def _load_feature_net(self):
+        if self._feature_net is None:
+            from .inception import load_feature_net
+
+            cfg = self.cfg.train
+            self._feature_net = load_feature_net(cfg.eval_inception, self.device, input_size=cfg.eval_input_size)
+        return self._feature_net
 
     def _check_data_fits_model(self) -> None:
         m, a = self.manifest, self.model_args
@@ -457,8 +511,8 @@ class Trainer:
         the good checkpoints one save after another, and a resume would continue the divergence."""
         bad = torch.where(first_bad >= 0, first_bad, torch.full_like(first_bad, _NONE_BAD))
         if weights:
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.raw_model.parameters()]
-            checks = [torch.isfinite(t).all() for t in local if t.numel()]  # ZeRO-3 leaves empty placeholders
+            local = [_local_shard(p) for p in self.raw_model.parameters()]
+            checks = [torch.isfinite(t).all() for t in local if t.numel()]
             if checks:
                 finite = torch.stack(checks).all().to(bad.device)
                 bad = torch.where(finite, bad, torch.minimum(bad, torch.full_like(bad, self.step)))
@@ -531,12 +585,9 @@ class Trainer:
         if not d.is_main:
             return None
         from .evaluate import compute_metrics
-        from .inception import load_feature_net
 
-        if getattr(self, "_feature_net", None) is None:
-            self._feature_net = load_feature_net(cfg.train.eval_inception, self.device, input_size=cfg.train.eval_input_size)
         samples = np.concatenate([g for g in gathered if g.size])
-        metrics = compute_metrics(samples, cfg.train.eval_reference, self._feature_net, device=self.device)
+        metrics = compute_metrics(samples, cfg.train.eval_reference, self._load_feature_net(), device=self.device)
         scalars = {f"eval/{k}": float(metrics[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")
                    if metrics.get(k) is not None}
         self.tracker.log_metrics(scalars, step=self.step)
@@ -601,11 +652,13 @@ class Trainer:
             window_loss += loss
             window_steps += 1
             step = self.step
-            stop = preemption.stop_requested()
+            # A stop request during the last step changes nothing: the run finishes (its final
+            # sample grid included), and a launcher does not requeue a finished job.
+            stop = preemption.stop_requested() and step < total
             # every rank must agree to stop at the same step; the vote is a host sync, so it is
             # taken every STOP_VOTE_EVERY steps (a second or two), not at every step
             if d.distributed:
-                if step % STOP_VOTE_EVERY == 0 or step == total:
+                if step % STOP_VOTE_EVERY == 0 and step < total:
                     flag = torch.tensor([1.0 if stop else 0.0], device=self.device if d.backend == "nccl" else "cpu")
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     stop = bool(flag.item())
@@ -647,14 +700,16 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if sample_due or eval_due or ckpt_due:
-                # their time is not the steps': img/s and step_time_s of the window leave it out
+                # their time is not the steps': img/s and step_time_s of the window leave it out.
+                # The checkpoint first: a sample grid or an evaluation that fails must not cost the
+                # step's checkpoint (a resume would then fail at the same step again)
                 t_other = time.perf_counter()
+                if ckpt_due:
+                    self.save_checkpoint()
                 if sample_due:
                     self.sample_grid()
                 if eval_due:
                     self.evaluate()
-                if ckpt_due:
-                    self.save_checkpoint()
                 window_other += time.perf_counter() - t_other
             if stop:
                 self.ckpt.finalize()  # the preemption checkpoint must be complete before we leave
@@ -673,9 +728,12 @@ def train(cfg: C.Config, run_dir: str | Path, resume: str = "auto") -> dict[str,
     """Run (or continue) a training run; returns {"status", "step", "run_dir"}."""
     trainer = Trainer(cfg, run_dir, resume)
     try:
-        return trainer.fit()
-    finally:
-        shutdown()
+        result = trainer.fit()
+    except BaseException:
+        shutdown(failed=True)  # no barrier: the other ranks may be waiting in another collective
+        raise
+    shutdown()
+    return result
 
 
 def default_run_dir(cfg: C.Config) -> Path:

@@ -183,11 +183,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Barrier then destroy: without the barrier, multi-rank gloo FSDP2 runs were seen to abort at exit."""
+def shutdown(failed: bool = False) -> None:
+    """End the process group. After a success: a barrier, then destroy (without the barrier, multi-rank
+    gloo FSDP2 runs were seen to abort at exit). After a failure (``failed``): destroy at once, with
+    no collective. The other ranks may be waiting in another collective, which a barrier would never
+    match: every rank would hang until the group's timeout, and the error would not even be printed.
+    Once this process is gone, their own collectives fail (gloo: the connection closes; torchrun
+    and srun --kill-on-bad-exit end the others)."""
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if not failed:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

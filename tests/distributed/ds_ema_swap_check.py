@@ -5,7 +5,9 @@ with the real Trainer, then checks on every rank that
 - inside ``ema.swapped_into`` the engine computes what a plain model holding the EMA weights
   computes (so the EMA, not the live weights, is in, persistent ZeRO-3 parameters included);
 - after it, the engine computes exactly what it computed before (the live weights are back);
-- the EMA differs from the live weights (so the first check can fail).
+- the EMA differs from the live weights (so the first check can fail);
+- before that, after the steps: an inf in one rank's partition of the weights stops every rank (the
+  divergence check before a save).
 Prints ``EMA-SWAP-OK`` on rank 0 when all hold.
 """
 import sys
@@ -19,8 +21,27 @@ sys.path.insert(0, str(REPO))
 from mpdit_dist import config as C  # noqa: E402
 from mpdit_dist.distributed.env import shutdown  # noqa: E402
 from mpdit_dist.models import MPDiT  # noqa: E402
-from mpdit_dist.trainer import Trainer  # noqa: E402
+from mpdit_dist.trainer import Trainer, TrainingDiverged  # noqa: E402
 from tests.helpers.runs import TINY  # noqa: E402
+
+
+def check_divergence_sees_partitions(tr: Trainer) -> None:
+    """The divergence check before a save looks at this rank's ZeRO-3 partition of the weights (the
+    parameters themselves are empty between steps): an inf in one rank's partition stops every rank."""
+    none_seen = torch.full((), -1, dtype=torch.long)
+    tr._stop_if_diverged(none_seen, weights=True)  # all finite: returns on every rank
+    partitioned = [p for p in tr.raw_model.parameters() if p.numel() == 0 and p.ds_tensor.numel()]
+    assert partitioned, "no partitioned parameter after a step: the check below would be void"
+    part = partitioned[0].ds_tensor.view(-1)
+    kept = part[0].item()
+    if tr.dist.rank == tr.dist.world_size - 1:
+        part[0] = float("inf")
+    try:
+        tr._stop_if_diverged(none_seen, weights=True)
+        raise AssertionError("a non-finite ZeRO-3 weight partition went unnoticed")
+    except TrainingDiverged:
+        pass
+    part[0] = kept
 
 
 def main() -> None:
@@ -35,6 +56,7 @@ def main() -> None:
         it = iter(tr.loader)
         for _ in range(3):
             tr.train_step(next(it))
+        check_divergence_sees_partitions(tr)
         g = torch.Generator().manual_seed(5)
         x = torch.randn(4, *tr.sample_shape, generator=g)
         t = torch.rand(4, generator=g)
@@ -51,6 +73,7 @@ def main() -> None:
         assert torch.equal(live_after, live_before), "live weights not restored after the EMA swap"
         torch.testing.assert_close(with_ema, want, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(with_ema, live_before, atol=1e-4), "EMA equals the live weights: check is void"
+
         if tr.dist.is_main:
             print("EMA-SWAP-OK", flush=True)
     finally:

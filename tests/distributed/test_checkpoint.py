@@ -128,7 +128,7 @@ def test_async_save_and_retention(tmp_path, npz, reference):
     assert losses(run) == losses(reference)
     steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
     assert steps == [4, 8, 10]  # the last two (8, 10) and the milestones (4, 8)
-    assert not list((run / "checkpoints").glob("tmp-*"))
+    assert not list((run / "checkpoints").glob("tmp-*")) and not list((run / "checkpoints").glob("deleting-*"))
     wa, _ = _weights(run)
     wb, _ = _weights(reference)
     for k in wa:
@@ -235,3 +235,20 @@ def test_rank0_errors_raise_on_every_rank_promptly(tmp_path):
         assert kind == want and "COMPLETE.json.tmp" in msg, (kind, msg)
         kind, msg, _ = r[rank]["save_mkdir"]
         assert kind != "returned" and (rank == 0 or "rank 0 failed" in msg), (kind, msg)
+
+
+def test_retention_never_leaves_a_half_deleted_checkpoint(tmp_path):
+    """Retention renames a checkpoint to ``deleting-*`` before removing it, so a crash part-way leaves
+    no half-deleted ``step_*`` that looks like a checkpoint; the next start removes the rest."""
+    from mpdit_dist.checkpoint import CheckpointManager, list_checkpoints
+
+    ckpt = CheckpointManager(tmp_path / "run", keep_last=1)
+    for step in (2, 4):
+        (ckpt.root / f"step_{step:08d}" / "model").mkdir(parents=True)
+        (ckpt.root / f"step_{step:08d}" / "model" / "shard").write_bytes(b"x")
+    ckpt._retain(4)
+    assert [s for s, _ in list_checkpoints(ckpt.root)] == [4] and sorted(os.listdir(ckpt.root)) == ["step_00000004"]
+    # what a crash in the middle of a deletion leaves
+    (ckpt.root / "deleting-step_00000002" / "model").mkdir(parents=True)
+    ckpt.clean_partial()
+    assert sorted(os.listdir(ckpt.root)) == ["step_00000004"]

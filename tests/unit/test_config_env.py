@@ -30,6 +30,15 @@ from mpdit_dist.distributed.env import first_host, slurm_step_environ, tasks_on_
     ("optim.betas=[0.9]", "optim.betas=[0.9] must be two values in [0, 1)"),
     ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] must be two values"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2.0 must be in [0, 1]"),
+    # nan passes every comparison: clipping would be off, the loss nan from the first step
+    ("optim.grad_clip=nan", "optim.grad_clip=nan must be a finite number"),
+    ("flow.p_mean=nan", "flow.p_mean=nan must be a finite number"),
+    ("flow.p_std=inf", "flow.p_std=inf must be a finite number"),
+    ("optim.betas=[0.9,nan]", "optim.betas[1]=nan must be a finite number"),
+    ("flow.p_std=0", "flow.p_std=0.0 must be > 0"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be >= 0"),
+    ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+    ("train.sample_classes=[]", "train.sample_classes=[] with train.sample_every=10000"),
 ])
 def test_bad_values_are_refused_naming_key_and_value(override, words):
     with pytest.raises(C.ConfigError) as info:
@@ -39,7 +48,8 @@ def test_bad_values_are_refused_naming_key_and_value(override, words):
 
 @pytest.mark.parametrize("override", ["train.log_every=1", "parallel.param_dtype=fp16", "parallel.reduce_dtype=bf16",
                                       "parallel.compile_mode=max-autotune", "train.sample_sampler=heun",
-                                      "data.num_workers=0", "data.micro_batch_size=4"])
+                                      "data.num_workers=0", "data.micro_batch_size=4",
+                                      "optim.lr=0"])
 def test_good_values_pass(override):
     C.load_config(None, [override])
 

@@ -272,3 +272,52 @@ def test_resume_applies_the_configs_optimizer_settings(tmp_path, npz):
         proc.stderr[-2000:]
     lr = {int(m["step"]): m["lr"] for m in read_metrics(run) if "lr" in m}
     assert lr[2] == pytest.approx(1e-3) and lr[3] == pytest.approx(2.5e-4) and lr[4] == pytest.approx(2.5e-4)
+
+
+def test_an_error_on_one_rank_ends_every_rank_and_keeps_the_steps_checkpoint(tmp_path, npz):
+    """Rank 0 fails writing the sample grid of step 2 (its ``samples`` is a file), while rank 1 goes
+    on into the next step's collectives: both processes end promptly with rank 0's error printed
+    (they used to wait for each other in different collectives until the group's timeout, 30 min,
+    with nothing printed), and the checkpoint of step 2, due at the same step, was saved first."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples").write_text("not a directory")
+    proc = train(run, npz, ["train.steps=6", "train.ckpt_every=2", "train.sample_every=2", "train.sample_steps=2",
+                            "train.sample_classes=[0,1]", "parallel.backend=ddp"], nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "[rank0]: NotADirectoryError" in proc.stderr or "[rank0]: FileExistsError" in proc.stderr, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "step_00000002" / "COMPLETE.json").is_file()
+
+
+def test_a_stop_request_during_the_last_step_finishes_the_run(tmp_path, npz, monkeypatch):
+    """A stop request (SLURM's warning signal) that lands during the last step changes nothing: the
+    run finishes with its final sample grid, so that a launcher does not requeue a finished job. One
+    that lands earlier stops the run with a checkpoint."""
+    from mpdit_dist import config as C
+    from mpdit_dist import preemption, trainer
+    from tests.helpers.runs import REPO, TINY
+
+    stop_at = {}
+    step = trainer.Trainer.train_step
+
+    def train_step(self, batch):
+        out = step(self, batch)
+        if self.step == stop_at["step"]:
+            preemption.request_stop("SIGUSR2")
+        return out
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
+    cfg = C.load_config(str(REPO / "configs/demo.yaml"), TINY + [
+        f"data.path={npz}", "train.steps=3", "train.ckpt_every=0", "train.sample_every=2", "train.sample_steps=2",
+        "train.sample_classes=[0,1]"])
+    try:
+        for when, want in ((3, "finished"), (2, "preempted")):
+            preemption.clear()
+            stop_at["step"] = when
+            result = trainer.train(cfg, tmp_path / f"stop{when}")
+            assert result["status"] == want and result["step"] == when
+            grids = sorted(p.name for p in (tmp_path / f"stop{when}" / "samples").glob("*_cfg1.png"))
+            assert grids == ["step_00000002_cfg1.png"] + (["step_00000003_cfg1.png"] if when == 3 else [])
+            assert (tmp_path / f"stop{when}" / "checkpoints" / f"step_{when:08d}").is_dir()
+    finally:
+        preemption.clear()
