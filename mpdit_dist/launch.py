@@ -154,6 +154,9 @@ def executor_parameters(cfg: C.Config, run_dir: Path) -> dict[str, Any]:
         cpus_per_task=L.cpus_per_task,
         timeout_min=L.time_min,
         slurm_signal_delay_s=L.signal_delay_s,
+        # a task that fails ends the job step: the other ranks would otherwise wait in their next
+        # collective until the process group's timeout (NCCL does not notice a dead peer)
+        slurm_srun_args=["--kill-on-bad-exit=1"],
         slurm_setup=setup,
         local_setup=setup,
     )
