@@ -3,8 +3,9 @@
 Each test trains the tiny demo model on scikit-learn digits with 2 CPU tasks (gloo) and checks
 what happened: a run submitted with ``slurm/submit.py`` trains and lands in MLflow; the warning
 signal mid-run checkpoints, requeues and resumes to exactly the losses of an uninterrupted
-torchrun run; a job cancelled from outside is reported failed at once with its log tail; a
-preemption beyond ``launch.max_requeues`` fails the job with a clear message.
+torchrun run; a job cancelled from outside is reported failed at once with its log tail, and so is
+a job whose rank 0 alone failed; a preemption beyond ``launch.max_requeues`` fails the job with a
+clear message.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_submit_cli_trains_two_tasks_into_mlflow(slurm_jobs, tmp_path):
     assert (cfg.launch.tasks_per_node, cfg.parallel.backend, cfg.train.steps) == (2, "ddp", steps)
     script = (run / "launch" / f"{job_id}_submission.sh").read_text()
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=2GB",
-                 "#SBATCH --partition=debug", "#SBATCH --signal=USR2@60", "#SBATCH --time=10", "srun "):
+                 "#SBATCH --partition=debug", "#SBATCH --signal=USR2@60", "#SBATCH --time=10", "srun ",
+                 " --kill-on-bad-exit=1 "):
         assert line in script, script
     code = json.loads((run / "launch" / "code_version.json").read_text())
     # a commit of this repository's history (teammates may have committed since the submission)
@@ -180,6 +182,24 @@ def test_job_cancelled_from_outside_is_reported_failed_with_log_tail(slurm_jobs,
     # sacct knows within seconds; no wait for result files that never come (submitit's 15 s).
     assert waited < 14
     assert not list((run / "submitit" / job.job_id).glob("*_result.pkl"))
+
+
+def test_an_error_on_one_rank_fails_the_job_at_once_with_that_error(slurm_jobs, tmp_path):
+    """Rank 0 alone fails (it cannot write its first sample grid: ``samples`` is a file) while rank 1
+    goes on into the next step: the job fails within seconds, not at the process group's timeout,
+    and its log tail holds rank 0's error."""
+    npz = digits_npz(tmp_path / "digits.npz")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples").write_text("not a directory")
+    cfg = C.load_config(DEMO, [*overrides(tmp_path, npz, 100_000), "train.sample_every=2", "train.sample_steps=2",
+                               "train.sample_classes=[0,1]"])
+    job = launch.submit(cfg, run, echo=None)
+    with pytest.raises(launch.JobFailedError) as info:
+        launch.wait(job, timeout_s=120, poll_s=1)
+    tail = info.value.log_tail
+    assert "NotADirectoryError" in tail or "FileExistsError" in tail, tail
+    assert sacct_states(job.job_id, "FAILED") == ["FAILED"]
 
 
 def test_preemption_beyond_max_requeues_fails_with_clear_message(slurm_jobs, tmp_path):
