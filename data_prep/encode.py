@@ -12,8 +12,10 @@ ranks or a SLURM array produce identical files. Rank and world come from torchru
 ``RANK``/``WORLD_SIZE``, else SLURM's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS`` (tasks of an ``srun -n N``
 step; an sbatch script's own process is one process) and an array's
 ``SLURM_ARRAY_TASK_ID`` (minus ``SLURM_ARRAY_TASK_MIN``) / ``SLURM_ARRAY_TASK_COUNT``, else from
-``--rank/--world-size``, else 0/1; a flag that contradicts the environment is an error. No process
-group is needed.
+``--rank/--world-size``, else 0/1; a flag that contradicts the environment is an error, and so are
+``WORLD_SIZE`` without ``RANK`` (or the reverse) and an array whose task ids are not contiguous
+(``--array=0-9:2``, ``--array=1,3,5``: submit ``--array=0-N``). No process group is needed. Each
+process encodes on its own GPU: ``cuda:{LOCAL_RANK % GPUs}`` (``data_prep.encoders.pick_device``).
 
 Several processes on one shard (a duplicate launch, overlapping jobs): each shard is claimed with an
 exclusive ``flock`` on ``parts/.part-XXXXXX.lock`` before it is encoded; a process that finds the
@@ -35,10 +37,13 @@ that step, e.g. as a job that depends on a SLURM array.
 
 Bad images (unreadable, broken symlinks, and images whose latent is not finite in fp16: reason
 ``non-finite latent``) are skipped, listed in the manifest (path and reason) and counted in the
-summary; ``--strict`` makes the first one fatal. Files outside the class folders and hidden files
-are not images of any class: they are listed in the manifest's ``skipped_files`` and counted in
-the summary's ``files_skipped``. ``--verify`` checks a finished dataset's files against the sha256
-checksums in its manifest (the loader itself checks only file sizes, at first open).
+summary; ``--strict`` makes the first one fatal. Files outside the class folders, hidden files,
+names that are not valid UTF-8, symlink loops and FIFOs/sockets/devices are not images of any
+class: they are listed in the manifest's ``skipped_files`` and counted in the summary's
+``files_skipped``. If every image fails, the command stops with an error (exit code 2).
+``--verify`` checks a finished dataset's files against the sha256 checksums in its manifest, and
+the merged MDS index against the manifest's shard order (the loader itself checks only file
+sizes, at first open, and the index's order).
 """
 from __future__ import annotations
 
@@ -90,8 +95,13 @@ def _env_world() -> Optional[tuple[int, int, str, str]]:
         except ValueError:
             raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
 
-    if "WORLD_SIZE" in env:
-        return num("RANK") if "RANK" in env else 0, num("WORLD_SIZE"), "RANK", "WORLD_SIZE"
+    if "WORLD_SIZE" in env or "RANK" in env:
+        # both or neither: WORLD_SIZE alone once made every process rank 0 (all writing the same shards)
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            have, lack = ("WORLD_SIZE", "RANK") if "RANK" not in env else ("RANK", "WORLD_SIZE")
+            raise ValueError(f"{have}={env[have]!r} is set but {lack} is not: set both (torchrun does) or neither "
+                             f"(then --rank/--world-size or SLURM's variables give the partition)")
+        return num("RANK"), num("WORLD_SIZE"), "RANK", "WORLD_SIZE"
     # srun tasks only (SLURM_STEP_ID set): an sbatch script's own process also has SLURM_PROCID and
     # SLURM_NTASKS, but it is one process (the trainer's rule, mpdit_dist.distributed.env)
     from mpdit_dist.distributed.env import slurm_step_task
@@ -100,7 +110,16 @@ def _env_world() -> Optional[tuple[int, int, str, str]]:
     array = None
     if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
         first = num("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
-        array = (num("SLURM_ARRAY_TASK_ID") - first, num("SLURM_ARRAY_TASK_COUNT"))
+        count = num("SLURM_ARRAY_TASK_COUNT")
+        # ranks are task id - first: with a stride (--array=0-9:2) or a list (--array=1,3,5) they
+        # would leave gaps and repeat, and the shards of the missing ranks would never be written
+        step = num("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        last = num("SLURM_ARRAY_TASK_MAX") if "SLURM_ARRAY_TASK_MAX" in env else first + count - 1
+        if step != 1 or last - first + 1 != count:
+            raise ValueError(f"SLURM array with task ids {first}..{last} in steps of {step} for {count} tasks "
+                             f"(SLURM_ARRAY_TASK_MIN/MAX/STEP/COUNT): the ids are not contiguous, so they cannot "
+                             f"number the parts; submit a contiguous array, --array=0-{count - 1}")
+        array = (num("SLURM_ARRAY_TASK_ID") - first, count)
     if array and tasks and tasks[1] > 1:
         return (array[0] * tasks[1] + tasks[0], array[1] * tasks[1],
                 "SLURM_ARRAY_TASK_ID/SLURM_PROCID", "SLURM_ARRAY_TASK_COUNT*SLURM_STEP_NUM_TASKS")
@@ -473,7 +492,11 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
         return None
     nonempty = [r for r in records if r["num_samples"] > 0]
     if not nonempty:
-        raise RuntimeError(f"{out}: every image failed; see {out / mf.PARTS_DIR}/*.json")
+        failures = [f for r in records for f in r["failures"]]
+        first = f"; the first: {failures[0]['path']}: {failures[0]['reason']}" if failures else ""
+        raise ValueError(f"{out}: every image failed ({len(failures)} of {config['num_images']}{first}); "
+                         f"all are listed in {out / mf.PARTS_DIR}/*.json")
+    mds_index_sha256 = None
     if "mds" in config["formats"]:
         from streaming.base.util import merge_index
 
@@ -484,6 +507,8 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
         merge_index([str(mds / mf.part_name(r["shard_id"]) / "index.json") for r in nonempty], str(tmp),
                     keep_local=True)
         mf.fsync_path(tmp / "index.json")
+        # the merged index's content depends on the parts only, so every finalizer records the same digest
+        mds_index_sha256 = mf.file_sha256(tmp / "index.json")
         os.replace(tmp / "index.json", mds / "index.json")
         tmp.rmdir()
         mf.fsync_path(mds)
@@ -522,6 +547,8 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
                     "num_images": r["num_images"], "checksums": r["checksums"]} for r in nonempty],
         "encode_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
     }
+    if "mds" in config["formats"]:
+        manifest["mds_index_sha256"] = mds_index_sha256  # checked by --verify and on remote download
     mf.write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest
 
@@ -716,7 +743,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--finalize", action="store_true", help="only write manifest.json (all shards must be done)")
     p.add_argument("--verify", action="store_true",
-                   help="only check every shard file of --out against the sha256 in its manifest.json")
+                   help="only check every shard file of --out against the sha256 in its manifest.json, "
+                        "and the merged MDS index against the manifest's shards")
     args = p.parse_args(argv)
     try:
         if args.verify:

@@ -5,11 +5,42 @@ numpy arrays ``(N, C, h, w)``; ``std`` is None when the encoder has no posterior
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+
+
+def pick_device(device: Optional[str], environ: Mapping[str, str], cuda_available: bool, device_count: int) -> str:
+    """The device one encode process uses.
+
+    An explicit device with an index (``cuda:3``, ``cpu``) is used as given. Otherwise, with CUDA,
+    each process of a node takes its own GPU, ``cuda:{local rank % device_count}``, as the trainer
+    does: the local rank is torchrun's ``LOCAL_RANK``, else ``SLURM_LOCALID`` for a task of an
+    ``srun`` step, else 0 (a plain ``cuda`` would put every process of ``torchrun --nproc_per_node 8``
+    on GPU 0). ``--device cuda`` without an index is read the same way.
+    """
+    if device and device != "cuda":
+        return device
+    if not cuda_available:
+        if device == "cuda":
+            raise ValueError("--device cuda: no CUDA device is available")
+        return "cpu"
+    from mpdit_dist.distributed.env import slurm_step_task
+
+    name = "LOCAL_RANK" if "LOCAL_RANK" in environ else (
+        "SLURM_LOCALID" if "SLURM_LOCALID" in environ and slurm_step_task(environ) else None)
+    local = 0
+    if name is not None:
+        try:
+            local = int(environ[name])
+        except ValueError:
+            raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+        if local < 0:
+            raise ValueError(f"environment variable {name}={local} is negative")
+    return f"cuda:{local % max(device_count, 1)}"
 
 
 class IdentityEncoder:
@@ -43,8 +74,11 @@ class VAEEncoder:
         path = Path(spec)
         if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
             kwargs["subfolder"] = "vae"  # a full Stable Diffusion pipeline directory
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        available = torch.cuda.is_available()
+        self.device = torch.device(pick_device(device, os.environ, available,
+                                               torch.cuda.device_count() if available else 0))
         if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this process's GPU also for what torch allocates implicitly
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             self.dtype = torch.float32

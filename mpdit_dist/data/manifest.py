@@ -8,7 +8,9 @@ Layout of a dataset root (everything ``data_prep.encode`` writes)::
     <root>/manifest.json          what is in the dataset (see below); written last
     <root>/encode_config.json     the encode configuration; a rerun with another one is refused
     <root>/parts/part-000012.json one record per finished shard (the commit point of a shard)
-    <root>/mds/index.json         Streaming index merged over all parts (``streaming.base.util.merge_index``)
+    <root>/mds/index.json         Streaming index merged over all parts (``streaming.base.util.merge_index``):
+                                  entry i is the part of the manifest's shards[i]; its sha256 is the
+                                  manifest's ``mds_index_sha256`` (absent in datasets written before it)
     <root>/mds/part-000012/       one MDS sub-dataset per shard (index.json + shard.00000.mds)
     <root>/wds/shard-000012.tar   one WebDataset tar per shard
     <root>/wds/shard-000012.idx.json  every sample's key and member byte offsets in that tar
@@ -116,13 +118,52 @@ def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
     return manifest
 
 
+def mds_shard_basename(shard: dict[str, Any]) -> str:
+    """The MDS data file of one manifest shard, relative to ``mds/`` (what the merged index names)."""
+    files = sorted(rel[len(MDS_DIR) + 1:] for rel in shard.get("checksums", {})
+                   if rel.startswith(f"{MDS_DIR}/") and rel.endswith(".mds"))
+    return files[0] if len(files) == 1 else f"{part_name(shard['shard_id'])}/shard.00000.mds"
+
+
+def check_mds_index(index: Any, manifest: dict[str, Any], where: str, limit: int = 5) -> list[str]:
+    """What is wrong with a merged MDS ``index.json`` for this manifest (empty list: nothing).
+
+    Entry ``i`` of the index must be manifest shard ``i``: its data file (``raw_data.basename``) and
+    its sample count. The loader addresses samples by their position in the index, so two entries
+    swapped would silently reorder the samples (and a stale index mix in another dataset's shards)
+    while the shard files and their checksums are all fine. At most ``limit`` problems are listed.
+    """
+    shards = manifest["shards"]
+    try:
+        entries = [(e["raw_data"]["basename"], e["samples"]) for e in index["shards"]]
+    except (KeyError, TypeError) as exc:
+        return [f"{where}: not a valid MDS index ({type(exc).__name__}: {exc})"]
+    problems = []
+    if len(entries) != len(shards):
+        problems.append(f"{where}: {len(entries)} shards, manifest.json lists {len(shards)}")
+    wrong = 0
+    for i, ((basename, samples), shard) in enumerate(zip(entries, shards)):
+        want = mds_shard_basename(shard)
+        if basename != want or samples != shard["num_samples"]:
+            wrong += 1
+            if wrong <= limit:
+                problems.append(f"{where}: shards[{i}] is {basename} with {samples} samples, manifest.json's "
+                                f"shards[{i}] is {want} with {shard['num_samples']} samples")
+    if wrong > limit:
+        problems.append(f"{where}: and {wrong - limit} more entries that differ from manifest.json")
+    return problems
+
+
 def verify_checksums(root: Union[str, os.PathLike], manifest: dict[str, Any] | None = None) -> int:
-    """Check every shard file listed in the manifest against its sha256; returns the number of files.
+    """Check every shard file listed in the manifest against its sha256, and the merged MDS index
+    against the manifest; returns the number of files checked.
 
     Reads every byte of the dataset, so it is not done on every open (the readers check sizes
     only): run it after copying a dataset, or when a size check or a non-finite batch points at
-    corruption (``python -m data_prep.encode --out ROOT --verify``). Raises ``ValueError`` naming
-    every missing or differing file.
+    corruption (``python -m data_prep.encode --out ROOT --verify``). The merged ``mds/index.json``
+    (MDS datasets) must exist, match ``mds_index_sha256`` where the manifest records it, and list
+    the manifest's shards in its order with its sample counts (:func:`check_mds_index`). Raises
+    ``ValueError`` naming every missing or differing file.
     """
     root = Path(root)
     manifest = manifest if manifest is not None else read_manifest(root)
@@ -135,8 +176,25 @@ def verify_checksums(root: Union[str, os.PathLike], manifest: dict[str, Any] | N
                 bad.append(f"{p}: missing")
             elif file_sha256(p) != digest:
                 bad.append(f"{p}: sha256 differs from the manifest's {digest[:16]}...")
+    if "mds" in manifest.get("formats", []):
+        p = root / MDS_DIR / "index.json"
+        n += 1
+        digest = manifest.get("mds_index_sha256")
+        if not p.is_file():
+            bad.append(f"{p}: missing (the merged MDS index; `python -m data_prep.encode --out {root} "
+                       f"--finalize` writes it again)")
+        else:
+            if digest is not None and file_sha256(p) != digest:
+                bad.append(f"{p}: sha256 differs from the manifest's mds_index_sha256 {digest[:16]}...")
+            try:
+                index = json.loads(p.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                bad.append(f"{p}: not valid JSON ({exc})")
+            else:
+                bad += check_mds_index(index, manifest, str(p))
     if bad:
-        raise ValueError(f"{root}: {len(bad)} of {n} shard files fail the checksum check:\n  " + "\n  ".join(bad))
+        raise ValueError(f"{root}: {len(bad)} problems in {n} files checked against the manifest:\n  "
+                         + "\n  ".join(bad))
     return n
 
 

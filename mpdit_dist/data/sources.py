@@ -311,9 +311,13 @@ def _mds_decode(plan, data) -> dict[str, Any]:
 class MDSSource(_ShardedSource):
     """MDS shards through Streaming's reader classes (see the module docstring for why).
 
-    At the first open of a shard its size must equal the MDS index's ``raw_data.bytes`` and its
-    offset table must be in order and end at the file's end; a read error names the file and the
-    sample. (Content checksums: :func:`manifest.verify_checksums`, and on download from a remote.)
+    At open, the merged ``index.json`` must list the manifest's shards in the manifest's order, each
+    with its data file and sample count (:func:`manifest.check_mds_index`): samples are addressed by
+    their position in the index, so a reordered or stale index would silently reorder or replace
+    samples. At the first open of a shard its size must equal the MDS index's ``raw_data.bytes`` and
+    its offset table must be in order and end at the file's end; a read error names the file and
+    the sample. (Content checksums: :func:`manifest.verify_checksums`, and on download from a
+    remote, the index included where the manifest records ``mds_index_sha256``.)
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], remote: Optional[str] = None):
@@ -322,7 +326,8 @@ class MDSSource(_ShardedSource):
         self.mds_root = root / mf.MDS_DIR
         index_path = self.mds_root / "index.json"
         if remote:
-            _fetch(_join(remote, mf.MDS_DIR, "index.json"), index_path, "streaming")
+            _fetch(_join(remote, mf.MDS_DIR, "index.json"), index_path, "streaming",
+                   sha256=manifest.get("mds_index_sha256"))
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: no MDS index (was the dataset encoded with --formats mds?)")
         try:
@@ -332,6 +337,12 @@ class MDSSource(_ShardedSource):
             raise ShardReadError(f"{index_path}: not a valid MDS index ({type(exc).__name__}: {exc})") from None
         if sum(counts) != self.num_samples:
             raise ValueError(f"{index_path}: {sum(counts)} samples, manifest.json says {self.num_samples}")
+        problems = mf.check_mds_index(self._index, manifest, str(index_path))
+        if problems:
+            raise ShardReadError("\n  ".join([f"{index_path}: the merged MDS index does not match "
+                                               f"{root / mf.MANIFEST} (samples would be read in another order; "
+                                               f"`python -m data_prep.encode --out {remote or root} --finalize` "
+                                               f"rewrites both from the shard records):", *problems]))
         # MDS parts are in shard order, one MDS shard per part (the writer guarantees it)
         self.mds_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 

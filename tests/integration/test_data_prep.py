@@ -1,6 +1,8 @@
 """data_prep.encode on real image files (sklearn's photos in assorted modes, bad files), with a
 tiny random AutoencoderKL and with identity (process-level tests: test_data_prep_processes.py)."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 
 from data_prep.encode import ConfigMismatch, encode_dataset, main, world_from_env
 from data_prep.fixtures import save_tiny_vae, write_test_image_folder
-from data_prep.images import BadImage, center_crop_arr, to_rgb
+from data_prep.images import BadImage, center_crop_arr, list_image_folder, to_rgb
 from mpdit_dist.data import manifest as mf
 from mpdit_dist.data import read_manifest
 
@@ -148,7 +150,8 @@ def test_strict_and_input_errors(images, tmp_path):
 
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
-            "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS")
+            "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID",
+            "SLURM_STEPID", "SLURM_STEP_NUM_TASKS", "LOCAL_RANK", "SLURM_LOCALID")
 
 
 def test_world_from_env(monkeypatch):
@@ -381,19 +384,21 @@ def test_broken_symlinks_and_stray_files_are_counted(tmp_path):
     (root / "a" / "zz_dangling.png").symlink_to(root / "a" / "gone.png")
     (root / "README.txt").write_text("a stray file at the root\n")
     (root / "b" / ".DS_Store").write_bytes(b"x")
+    os.mkfifo(root / "b" / "pipe.png")  # opening it would wait for a writer for ever
     out = tmp_path / "out"
     summary = encode_dataset(root, out, 8, "identity", "wds", 4, progress=False)
-    assert summary["images_encoded"] == 6 and summary["images_failed"] == 1 and summary["files_skipped"] == 2
+    assert summary["images_encoded"] == 6 and summary["images_failed"] == 1 and summary["files_skipped"] == 3
     m = read_manifest(out)
     assert m["num_images"] == 7 and m["num_failed"] == 1
     assert m["failures"][0]["path"] == "a/zz_dangling.png" and "broken symlink" in m["failures"][0]["reason"]
-    assert m["num_skipped_files"] == 2
+    assert m["num_skipped_files"] == 3
     assert {f["path"]: f["reason"] for f in m["skipped_files"]} == {
-        "README.txt": "not in a class folder", "b/.DS_Store": "hidden"}
+        "README.txt": "not in a class folder", "b/.DS_Store": "hidden",
+        "b/pipe.png": "not a regular file (FIFO, socket or device)"}
     # a stray file that comes or goes between reruns does not change the configuration
     (root / "b" / ".DS_Store").unlink()
     again = encode_dataset(root, out, 8, "identity", "wds", 4, progress=False)
-    assert again["shards_written"] == 0 and again["files_skipped"] == 1
+    assert again["shards_written"] == 0 and again["files_skipped"] == 2
 
 
 def test_verify_flag_checks_the_manifest_checksums(tmp_path, capsys):
@@ -403,14 +408,53 @@ def test_verify_flag_checks_the_manifest_checksums(tmp_path, capsys):
     lat = np.random.default_rng(0).normal(size=(9, 2, 4, 4)).astype(np.float32)
     write_latents(out, {"latent": lat}, np.zeros(9, dtype=int), ["c"], 4)
     assert main(["--out", str(out), "--verify"]) == 0
-    assert json.loads(capsys.readouterr().out)["verified_files"] == 3 * 4  # per shard: tar, idx, MDS index + data
+    # per shard: tar, idx, MDS part index + data; and the merged MDS index
+    assert json.loads(capsys.readouterr().out)["verified_files"] == 3 * 4 + 1
     tar = out / "wds" / "shard-000001.tar"
     data = bytearray(tar.read_bytes())
     data[-1100] ^= 0xFF  # same size: only the checksum can tell
     tar.write_bytes(bytes(data))
     assert main(["--out", str(out), "--verify"]) == 2
     err = capsys.readouterr().err
-    assert "1 of 12 shard files fail" in err and "shard-000001.tar: sha256 differs" in err
+    assert "1 problems in 13 files" in err and "shard-000001.tar: sha256 differs" in err
+
+
+def _swap_mds_index_entries(out, i, j):
+    path = out / "mds" / "index.json"
+    index = json.loads(path.read_text())
+    index["shards"][i], index["shards"][j] = index["shards"][j], index["shards"][i]
+    path.write_text(json.dumps(index))
+
+
+def test_verify_checks_the_merged_mds_index(tmp_path, capsys):
+    """Two entries of mds/index.json swapped: every shard file and its checksum is fine and the
+    dataset id is the same, but the loader would read the samples in another order."""
+    from data_prep.encode import write_latents
+
+    out = tmp_path / "d"
+    lat = np.random.default_rng(0).normal(size=(12, 2, 4, 4)).astype(np.float32)
+    write_latents(out, {"latent": lat}, np.zeros(12, dtype=int), ["c"], 4, formats=["mds"])
+    m = read_manifest(out)
+    assert m["mds_index_sha256"] == mf.file_sha256(out / "mds" / "index.json")
+    assert main(["--out", str(out), "--verify"]) == 0
+    capsys.readouterr()
+    _swap_mds_index_entries(out, 0, 2)  # shards of equal size: the sample count cannot tell
+    assert main(["--out", str(out), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "mds/index.json: sha256 differs from the manifest's mds_index_sha256" in err
+    assert "mds/index.json: shards[0] is part-000002/shard.00000.mds with 4 samples, manifest.json's " \
+           "shards[0] is part-000000/shard.00000.mds with 4 samples" in err
+    # a manifest written before mds_index_sha256 existed: the order is still checked
+    old = {k: v for k, v in m.items() if k != "mds_index_sha256"}
+    (out / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"2 problems in 7 files.*\n.*shards\[0\] is part-000002"):
+        mf.verify_checksums(out)
+    # --finalize rewrites the index from the shard records
+    assert main(["--out", str(out), "--finalize"]) == 0
+    assert main(["--out", str(out), "--verify"]) == 0
+    (out / "mds" / "index.json").unlink()
+    assert main(["--out", str(out), "--verify"]) == 2
+    assert "mds/index.json: missing (the merged MDS index" in capsys.readouterr().err
 
 
 def test_finalize_flag(images, tmp_path, capsys):
@@ -434,3 +478,230 @@ def test_finalize_flag(images, tmp_path, capsys):
     readers = [reader_from_json(str(out / "mds"), None, sh) for sh in index["shards"]]
     assert sum(len(r) for r in readers) == 12
     assert readers[1].get_item(0)["key"] == "000000004"  # the 5th image, first of shard 1
+
+
+def test_each_process_of_a_node_takes_its_own_gpu():
+    from data_prep.encoders import pick_device
+
+    assert pick_device(None, {}, False, 0) == "cpu"
+    assert pick_device(None, {"LOCAL_RANK": "3"}, False, 0) == "cpu"
+    assert pick_device(None, {}, True, 8) == "cuda:0"
+    # torchrun --nproc_per_node 8: one GPU per process (the bug: every process on plain "cuda", GPU 0)
+    assert [pick_device(None, {"LOCAL_RANK": str(r)}, True, 8) for r in range(8)] == [f"cuda:{r}" for r in range(8)]
+    assert pick_device(None, {"LOCAL_RANK": "5"}, True, 4) == "cuda:1"  # more processes than GPUs: shared
+    assert pick_device("cuda", {"LOCAL_RANK": "2"}, True, 8) == "cuda:2"  # no index given: the local one
+    assert pick_device("cuda:5", {"LOCAL_RANK": "2"}, True, 8) == "cuda:5"  # an explicit index wins
+    assert pick_device("cpu", {"LOCAL_RANK": "2"}, True, 8) == "cpu"
+    # srun -n 8 tasks: SLURM_LOCALID; not for a batch script's own process (no step)
+    srun = {"SLURM_PROCID": "9", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}
+    assert pick_device(None, srun, True, 8) == "cuda:1"
+    assert pick_device(None, {**srun, "LOCAL_RANK": "6"}, True, 8) == "cuda:6"
+    assert pick_device(None, {"SLURM_PROCID": "0", "SLURM_LOCALID": "3"}, True, 8) == "cuda:0"
+    with pytest.raises(ValueError, match="LOCAL_RANK='x' is not an integer"):
+        pick_device(None, {"LOCAL_RANK": "x"}, True, 8)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+        pick_device("cuda", {}, False, 0)
+
+
+def test_torchrun_variables_come_together(monkeypatch, images, tmp_path, capsys):
+    for k in ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    # the bug: rank 0 on every process, and "--rank 1 contradicts RANK=0" about a variable not set
+    with pytest.raises(ValueError, match="WORLD_SIZE='4' is set but RANK is not"):
+        world_from_env()
+    root, _ = images
+    assert main(["--images", str(root), "--out", str(tmp_path / "o"), "--resolution", "8", "--formats", "wds",
+                 "--rank", "1"]) == 2
+    assert "WORLD_SIZE='4' is set but RANK is not" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="RANK='1' is set but WORLD_SIZE is not"):
+        world_from_env()
+
+
+def test_a_slurm_array_must_be_contiguous(monkeypatch):
+    for k in ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    # --array=0-9:2: tasks 0, 2, ..., 8 would be ranks 0, 2, ..., 8 of 5; shards of ranks 1 and 3 never written
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "8")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "5")
+    with pytest.raises(ValueError, match=r"ids 0..8 in steps of 2 for 5 tasks .*not contiguous.*--array=0-4"):
+        world_from_env()
+    # --array=1,3,5 (a list: the step variable says 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    with pytest.raises(ValueError, match=r"ids 1..5 in steps of 1 for 3 tasks .*--array=0-2"):
+        world_from_env()
+    # --array=5-7: contiguous, from any first id
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "7")
+    assert world_from_env() == (1, 3)
+
+
+def test_when_every_image_fails_the_cli_says_so_cleanly(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_text("not an image\n")
+    (root / "a" / "y.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["--images", str(root), "--out", str(out), "--resolution", "8", "--formats", "mds,wds"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "every image failed (2 of 2; the first: a/x.png: not an image (unidentified format))" in err
+    assert "parts/*.json" in err and not (out / "manifest.json").exists()
+
+
+def _adm_center_crop(img, resolution):
+    """ADM's center_crop_arr (guided-diffusion image_datasets.py), the reference for ordinary images."""
+    while min(*img.size) >= 2 * resolution:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = resolution / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.array(img)
+    crop_y = (arr.shape[0] - resolution) // 2
+    crop_x = (arr.shape[1] - resolution) // 2
+    return arr[crop_y: crop_y + resolution, crop_x: crop_x + resolution]
+
+
+def test_a_thin_strip_is_cropped_before_its_resize(monkeypatch):
+    from sklearn.datasets import load_sample_images
+
+    photo = load_sample_images().images[0]
+    rng = np.random.default_rng(0)
+    # ordinary aspect ratios, up to the bound of 16 (after the BOX halving): ADM's pixels exactly
+    checked = 0
+    while checked < 40:
+        res = int(rng.choice([8, 16, 32, 64]))
+        short = int(rng.integers(res // 2, 2 * res))  # no BOX halving: the ratio is the resize's
+        long = min(int(short * rng.uniform(1, 16.5)), 640)
+        if round(long * res / short) > 16 * res:
+            continue
+        img = Image.fromarray(np.ascontiguousarray(photo[:short, :long] if checked % 2 else photo[:long, :short]))
+        assert np.array_equal(center_crop_arr(img, res), _adm_center_crop(img, res)), (img.size, res)
+        checked += 1
+    # a 1 x 4000 strip at 256 px: the full resize would be 256 x 1,024,000 (786 MB)
+    resize = Image.Image.resize
+    sizes = []
+
+    def bounded_resize(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        assert size[0] * size[1] <= 16 * 256 * 256, f"resize to {size}"
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    strip = Image.fromarray(np.tile(photo[:1, :1], (4000, 1, 1)))  # one colour: the crop is that colour
+    out = center_crop_arr(strip, 256)
+    assert out.shape == (256, 256, 3) and (out == photo[0, 0]).all() and sizes == [(256, 256)]
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    # beyond the bound the centre square is resampled from the same window with the same filter: it
+    # differs from the full resize by PIL's rounding only
+    for size, res in (((20, 420), 16), ((600, 7), 8), ((3, 400), 32)):
+        img = Image.fromarray(np.ascontiguousarray(photo[:size[1], :size[0]]))
+        diff = np.abs(center_crop_arr(img, res).astype(int) - _adm_center_crop(img, res).astype(int))
+        assert diff.max() <= 12 and diff.mean() < 1.0, (size, res, diff.max(), diff.mean())
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    from data_prep.images import ImageEntry, load_image
+
+    def load(name):
+        return load_image(tmp_path, ImageEntry(0, name, 0, (tmp_path / name).stat().st_size), 8)
+
+    grey = np.full((16, 16), 32768, np.uint16)  # 50% grey; the bug: 255 (every value above 255 clipped)
+    Image.fromarray(grey).save(tmp_path / "mid16.png")
+    with Image.open(tmp_path / "mid16.png") as im:
+        assert im.mode == "I;16"
+    assert (load("mid16.png") == 128).all()
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.tif")
+    with Image.open(tmp_path / "ramp16.tif") as im:
+        assert np.array_equal(np.asarray(to_rgb(im))[..., 0], (ramp >> 8).astype(np.uint8))
+    big_endian = Image.frombytes("I;16B", (16, 16), grey.astype(">u2").tobytes())
+    assert (np.asarray(to_rgb(big_endian)) == 128).all()
+    # 'I' (32-bit integers) holds 16-bit samples; beyond them it is refused, naming the mode
+    Image.fromarray(np.full((16, 16), 65535, np.int32)).save(tmp_path / "i32.tif")
+    assert (load("i32.tif") == 255).all()
+    Image.fromarray(np.full((16, 16), 70000, np.int32)).save(tmp_path / "i32_big.tif")
+    with pytest.raises(BadImage, match=r"i32_big.tif: mode 'I' .* range over \[70000, 70000\]"):
+        load("i32_big.tif")
+    # 'F' (float): [0, 1] -> round(255 v); anything else is refused
+    Image.fromarray(np.full((16, 16), 0.5, np.float32)).save(tmp_path / "half.tif")
+    assert (load("half.tif") == 128).all()
+    Image.fromarray(np.linspace(0, 2, 256, dtype=np.float32).reshape(16, 16)).save(tmp_path / "f_big.tif")
+    with pytest.raises(BadImage, match=r"f_big.tif: mode 'F' .* range over \[0, 2\]; only \[0, 1\]"):
+        load("f_big.tif")
+    # through the encoder: the refused image is a counted failure with the reason, the others encode
+    root = tmp_path / "folder"
+    (root / "a").mkdir(parents=True)
+    for name in ("mid16.png", "f_big.tif", "half.tif"):
+        (root / "a" / name).write_bytes((tmp_path / name).read_bytes())
+    summary = encode_dataset(root, tmp_path / "out", 8, "identity", "wds", 4, progress=False)
+    assert summary["images_encoded"] == 2 and summary["images_failed"] == 1
+    [failure] = read_manifest(tmp_path / "out")["failures"]
+    assert failure["path"] == "a/f_big.tif" and "mode 'F'" in failure["reason"]
+
+
+def test_symlinked_subfolders_are_followed_like_image_folder(tmp_path):
+    """Images under a symlinked subfolder of a class are found (the bug: skipped without a word);
+    a symlink back up the tree is reported once instead of followed for ever."""
+    from torchvision.datasets import ImageFolder
+
+    store = tmp_path / "store"
+    root = tmp_path / "imgs"
+    for d in (store / "extra", root / "a" / "real", root / "b"):
+        d.mkdir(parents=True)
+    for i, path in enumerate((root / "a" / "real" / "1.png", store / "extra" / "2.png", store / "extra" / "3.png",
+                              root / "b" / "4.png")):
+        Image.new("RGB", (10, 10), (20 * i, 50, 90)).save(path)
+    (root / "a" / "linked").symlink_to(store / "extra")
+    (root / "b" / "same").symlink_to(root / "a" / "real")  # not a loop: one more path to 1.png
+    want = sorted((Path(p).relative_to(root).as_posix(), y) for p, y in ImageFolder(str(root)).samples)
+    _, entries = list_image_folder(root)
+    assert [(e.relpath, e.label) for e in entries] == want == [
+        ("a/linked/2.png", 0), ("a/linked/3.png", 0), ("a/real/1.png", 0), ("b/4.png", 1), ("b/same/1.png", 1)]
+    # loops: to the class folder, to the linked folder itself, to the root
+    (root / "b" / "same").unlink()
+    (root / "a" / "real" / "up").symlink_to(root / "a")
+    (store / "extra" / "again").symlink_to(store / "extra")
+    (root / "b" / "top").symlink_to(root)
+    skipped = []
+    _, again = list_image_folder(root, skipped)
+    assert again == entries[:4]
+    loop = "folder loop (symlink to {}, a folder above it): not followed"
+    assert skipped == [{"path": "a/linked/again", "reason": loop.format(store / "extra")},
+                       {"path": "a/real/up", "reason": loop.format(root / "a")},
+                       {"path": "b/top", "reason": loop.format(root)}]
+    out = tmp_path / "out"
+    summary = encode_dataset(root, out, 8, "identity", "wds", 4, progress=False)
+    assert summary["images_encoded"] == 4 and summary["files_skipped"] == 3
+    assert read_manifest(out)["skipped_files"] == skipped
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_listed(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (10, 10), (200, 50, 90)).save(root / "a" / "ok.png")
+    bad = os.path.join(os.fsencode(root / "a"), b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    with open(bad, "wb") as f:
+        f.write((root / "a" / "ok.png").read_bytes())
+    os.mkdir(os.path.join(os.fsencode(root / "a"), b"dir\xff"))
+    out = tmp_path / "out"
+    # the bug: "'utf-8' codec can't encode character '\udce9'" for the whole run, naming no file
+    assert main(["--images", str(root), "--out", str(out), "--resolution", "8", "--formats", "mds,wds"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images_encoded"] == 1 and summary["files_skipped"] == 2
+    m = read_manifest(out)
+    assert m["skipped_files"] == [
+        {"path": "a/caf\\xe9.png", "reason": "file name is not valid UTF-8"},
+        {"path": "a/dir\\xff", "reason": "folder name is not valid UTF-8 (its files are not listed)"}]
+    os.rename(os.path.join(os.fsencode(root), b"a"), os.path.join(os.fsencode(root), b"\xe9t\xe9"))
+    with pytest.raises(ValueError, match=r"class folder '\\\\xe9t\\\\xe9' has a name that is not valid UTF-8"):
+        encode_dataset(root, tmp_path / "out2", 8, "identity", "wds", 4, progress=False)

@@ -281,3 +281,39 @@ def test_wds_records_must_have_the_manifest_shape_and_dtype(tmp_path, bad):
     with pytest.raises(ShardReadError, match="key 000000006"):
         ld = build_loader(_cfg(root, "wds", 8, shuffle=False), rank=0, world_size=1, seed=0)
         next(ld)
+
+
+def test_a_reordered_mds_index_is_refused(tmp_path):
+    """The merged MDS index with two equal-sized parts swapped: every shard file is intact and the
+    dataset id unchanged, but read by position the samples would come in another order. The
+    reader refuses it, naming the index; WebDataset (ordered by the manifest) is unaffected."""
+    root = _small(tmp_path / "d", n=12)
+    want = [open_source("mds", str(root)).read(i)["key"] for i in range(12)]
+    assert want == [mf.sample_key(i) for i in range(12)]
+    dataset_id = mf.dataset_id(read_manifest(root))
+    path = root / "mds" / "index.json"
+    index = json.loads(path.read_text())
+    index["shards"][0], index["shards"][1] = index["shards"][1], index["shards"][0]
+    path.write_text(json.dumps(index))
+    assert mf.dataset_id(read_manifest(root)) == dataset_id
+    with pytest.raises(ShardReadError, match=r"mds/index.json: the merged MDS index does not match .*manifest.json"
+                                             r"(.|\n)*shards\[0\] is part-000001/shard.00000.mds with 4 samples, "
+                                             r"manifest.json's shards\[0\] is part-000000/shard.00000.mds"):
+        open_source("mds", str(root))
+    assert open_source("wds", str(root)).read(4)["key"] == "000000004"
+    # a stale index of another dataset: a part missing, the counts differ
+    del index["shards"][2]
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"mds/index.json: 8 samples, manifest.json says 12"):
+        open_source("mds", str(root))
+
+
+def test_a_changed_remote_mds_index_is_not_cached(tmp_path):
+    remote = _small(tmp_path / "remote")
+    path = remote / "mds" / "index.json"
+    index = json.loads(path.read_text())
+    index["shards"][0], index["shards"][1] = index["shards"][1], index["shards"][0]
+    path.write_text(json.dumps(index))
+    with pytest.raises(ShardReadError, match="index.json: downloaded file's sha256 .* differs from the manifest's"):
+        open_source("mds", "", remote=str(remote), cache_dir=str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").rglob("index.json"))
