@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mpdit_dist.inception import FeatureNetError, InceptionFeatures, load_feature_net
+from mpdit_dist.inception import MIN_INPUT_SIZE, FeatureNetError, InceptionFeatures, load_feature_net
 from mpdit_dist.metrics import (
     frechet_distance,
     frechet_distance_low_rank,
@@ -415,6 +415,69 @@ def _compute_reference(
 # metrics
 
 
+def check_settings(batch_size: int = 100, k: int = 3, is_split_size: int = 5000) -> None:
+    """Reject settings that would fail (or mean nothing) only after all features are extracted."""
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size must be positive, got {batch_size}")
+    if k < 1:
+        raise EvaluationError(f"k (precision/recall neighbourhood) must be at least 1, got {k}")
+    if is_split_size < 1:
+        raise EvaluationError(f"is_split_size (Inception Score split) must be at least 1, got {is_split_size}")
+
+
+def label_order_warning(labels: np.ndarray, split_size: int = 5000) -> Optional[str]:
+    """A warning when the sample labels (``arr_1``) are grouped so that the Inception Score's
+    consecutive splits are not class-balanced, else None.
+
+    The Inception Score is the mean over consecutive splits of ``split_size`` (as ADM computes it);
+    it rewards each split for covering many classes, so a class-sorted file (e.g. 50 samples of each
+    of 1,000 classes in class order: 100 classes per split of 5,000) caps it near the number of
+    classes per split. A full split is flagged when it holds at most half the distinct classes
+    that a random order of the same labels would give it on average."""
+    from scipy.stats import hypergeom
+
+    labels = np.asarray(labels).reshape(-1)
+    n = len(labels)
+    if n <= split_size:
+        return None  # one split: the order does not matter
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(counts) < 2:
+        return None
+    # expected distinct classes in a split drawn at random, without replacement, from all n labels
+    expected = float(np.sum(1.0 - hypergeom.pmf(0, n, counts, split_size)))
+    worst = None
+    for start in range(0, n - split_size + 1, split_size):  # full splits: a short last one proves little
+        got = len(np.unique(inverse[start : start + split_size]))
+        if got <= 0.5 * expected and (worst is None or got < worst[1]):
+            worst = (start, got)
+    if worst is None:
+        return None
+    start, got = worst
+    order = "sorted by class" if np.all(np.diff(labels) >= 0) else "grouped by class"
+    return (
+        f"the sample labels (arr_1) are {order}: the Inception Score split at samples {start}..."
+        f"{start + split_size - 1} holds {got} class{'' if got == 1 else 'es'} where a random order would give "
+        f"about {expected:.0f}, so the score is capped by the order, not by the model. Shuffle the samples "
+        "(images and labels together) before evaluating; mpdit_dist.sample writes them shuffled"
+    )
+
+
+def read_labels(path: PathLike, num_images: int) -> Optional[np.ndarray]:
+    """``arr_1`` of an ADM-format samples npz (the labels) when it holds one label per image."""
+    if "arr_1" not in npz_keys(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            labels = data["arr_1"]
+    except ValueError as err:  # e.g. an object array: only the order check needs the labels
+        log.info("%s: arr_1 not readable as labels (%s); not used", path, err)
+        return None
+    if labels.ndim != 1 or len(labels) != num_images or not np.issubdtype(labels.dtype, np.integer):
+        log.info("%s: arr_1 is not one integer label per image (%s %s); not used", path, labels.dtype, labels.shape)
+        return None
+    return labels
+
+
 def metrics_from_features(
     samples: Features,
     reference: ReferenceStats,
@@ -424,6 +487,7 @@ def metrics_from_features(
     device: Union[str, torch.device, None] = None,
 ) -> dict[str, Any]:
     """FID, sFID, Inception Score, precision and recall of sample features against a reference."""
+    check_settings(k=k, is_split_size=is_split_size)
     n = len(samples)
     if n < 2:
         raise EvaluationError(f"need at least 2 samples for a covariance, got {n}")
@@ -511,8 +575,7 @@ def compute_metrics(
     bookkeeping (counts, cache status, checksums).
     """
     start = time.perf_counter()
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size must be positive, got {batch_size}")
+    check_settings(batch_size, k, is_split_size)
     samples_uint8 = np.asarray(samples_uint8)
     if samples_uint8.dtype != np.uint8 or samples_uint8.ndim != 4 or samples_uint8.shape[-1] != 3:
         raise EvaluationError(
@@ -543,8 +606,12 @@ def evaluate_npz(
     use_cache: bool = True,
     progress: Optional[bool] = None,
 ) -> dict[str, Any]:
-    """:func:`compute_metrics` for a samples npz, streamed from disk batch by batch."""
+    """:func:`compute_metrics` for a samples npz, streamed from disk batch by batch.
+
+    The result also holds ``warnings``: a list of messages (also logged), e.g. when the labels in
+    ``arr_1`` are sorted by class so that the Inception Score's splits are not class-balanced."""
     start = time.perf_counter()
+    check_settings(batch_size, k, is_split_size)
     samples, reference = Path(samples), Path(reference)
     sample_keys, reference_keys = npz_keys(samples), npz_keys(reference)
     if "mu" in sample_keys and "mu" not in reference_keys:
@@ -554,6 +621,12 @@ def evaluate_npz(
             samples, reference,
         )
     images = open_npz_images(samples)
+    warnings = []
+    labels = read_labels(samples, images.num_images)
+    order_warning = None if labels is None else label_order_warning(labels, is_split_size)
+    if order_warning:
+        log.warning("%s: %s", samples, order_warning)
+        warnings.append(order_warning)
     device = _resolve_device(device, feature_net)
     ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
     features = extract_features(
@@ -566,6 +639,7 @@ def evaluate_npz(
         reference=str(reference),
         sample_image_size=list(images.shape[1:3]),
         eval_seconds=time.perf_counter() - start,
+        warnings=warnings,
     )
     return result
 
@@ -645,6 +719,13 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.k < 1:
+        parser.error(f"--k must be at least 1 (ADM: 3), got {args.k}")
+    if args.is_split_size < 1:
+        parser.error(f"--is-split-size must be at least 1 (ADM: 5000), got {args.is_split_size}")
+    if args.input_size < MIN_INPUT_SIZE:
+        parser.error(f"--input-size must be at least {MIN_INPUT_SIZE} (the network's smallest input), "
+                     f"got {args.input_size}")
     if args.tracking_uri and not args.mlflow_run_id:
         parser.error("--tracking-uri given without --mlflow-run-id")
     return args

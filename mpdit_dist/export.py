@@ -10,13 +10,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import CheckpointManager, verify
-from .models import MPDiT, ModelArgs
+from .models import ATTENTION_BACKENDS, MPDiT, ModelArgs, flash_attn_available
+
+log = logging.getLogger(__name__)
+
+
+def inference_attention(saved: str, override: Optional[str] = None, source: str = "the weights") -> str:
+    """The attention kernel to build a model with when loading saved weights on this machine.
+
+    The kernel is not part of the weights but of the machine that runs them: ``override`` (e.g.
+    ``mpdit_dist.sample --attention``) wins; otherwise the saved kernel, except that a saved
+    ``flash_attn`` falls back to ``auto`` (logged) where the flash-attn package is not importable,
+    so that a run trained with flash-attn can be exported, sampled and converted anywhere."""
+    if override is not None:
+        if override not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={override!r}: choose one of {ATTENTION_BACKENDS}")
+        if override == "flash_attn" and not flash_attn_available():
+            raise ValueError("attention='flash_attn' but the flash-attn package is not importable here")
+        return override
+    if saved == "flash_attn" and not flash_attn_available():
+        log.warning("%s were saved with attention='flash_attn', which is not importable here: "
+                    "using attention='auto' (SDPA) instead", source)
+        return "auto"
+    return saved
 
 
 def _resolve_checkpoint(run_dir: Optional[str], checkpoint: Optional[str]) -> Path:
@@ -46,11 +70,16 @@ def _model_args_from_state(tstate: dict[str, Any]) -> ModelArgs:
 
 
 def load_checkpoint_weights(run_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                            use_ema: bool = True) -> tuple[MPDiT, dict[str, Any], dict[str, Any]]:
-    """(plain model with the checkpoint's weights, data manifest, info) on CPU."""
+                            use_ema: bool = True, attention: Optional[str] = None,
+                            ) -> tuple[MPDiT, dict[str, Any], dict[str, Any]]:
+    """(plain model with the checkpoint's weights, data manifest, info) on CPU.
+
+    ``attention``: the kernel to build the model with (default: the run's, see
+    :func:`inference_attention`)."""
     path = _resolve_checkpoint(run_dir, checkpoint)
     tstate = json.loads((path / "trainer.json").read_text())
     args = _model_args_from_state(tstate)
+    args = replace(args, attention=inference_attention(args.attention, attention, f"the weights of {path}"))
     model = MPDiT(args)
     key = "ema" if use_ema else "model"
     if tstate.get("backend") == "deepspeed" and (path / "deepspeed").is_dir():
@@ -88,7 +117,8 @@ def save_exported(model: MPDiT, out: str | Path, meta: dict[str, Any]) -> Path:
     return out
 
 
-def load_exported(path: str | Path) -> tuple[MPDiT, dict[str, Any]]:
+def load_exported(path: str | Path, attention: Optional[str] = None) -> tuple[MPDiT, dict[str, Any]]:
+    """(model, metadata) of an exported file; ``attention`` as in :func:`load_checkpoint_weights`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -98,6 +128,7 @@ def load_exported(path: str | Path) -> tuple[MPDiT, dict[str, Any]]:
         raise ValueError(f"{path}: no model_args in the safetensors metadata (not written by mpdit_dist.export)")
     margs = json.loads(header["model_args"])
     margs["stages"] = tuple(tuple(s) for s in margs["stages"])
+    margs["attention"] = inference_attention(margs.get("attention", "auto"), attention, f"the weights of {path}")
     model = MPDiT(ModelArgs(**margs))
     model.load_state_dict(load_file(str(path)))
     meta = {k: json.loads(v) for k, v in header.items() if k != "model_args"}

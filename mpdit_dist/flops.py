@@ -14,18 +14,22 @@ for forward + backward (the backward pass computes two products per forward prod
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 
 from .models import MODEL_CONFIGS, ModelArgs, model_args
 
-# dense bf16 matrix-product peak (FLOP/s) of common accelerators, for MFU
-# Dense bf16 peaks from the spec sheets; the first key found in the device name wins, so the
-# variants come before their family. MFU is always against this bf16 peak, also for fp32 runs.
+# Dense bf16 matrix-product peaks (FLOP/s) from the spec sheets, for MFU. A key matches a device
+# name when its words appear there as whole words, in order ("A10" matches "NVIDIA A10" but neither
+# "NVIDIA A100-SXM4-80GB" nor AWS's "NVIDIA A10G", a different chip with its own, unlisted peak);
+# the longest matching key wins, so the variants win over their family. MFU is always against
+# this bf16 peak, also for fp32 runs.
 PEAK_FLOPS = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM (~790e12 is reached in practice)
     "H200": 989e12,
+    "GH200": 989e12,  # the Grace Hopper superchip's GPU (matched by substring before: keep it)
     "A100": 312e12,
     "L40S": 362e12,
     "A10": 125e12,
@@ -149,10 +153,19 @@ def device_peak_flops(device_name: str | None) -> float | None:
     """Peak dense bf16 FLOP/s for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), if known."""
     if not device_name:
         return None
+    words = _words(device_name)
+    best: tuple[int, float] | None = None
     for key, value in PEAK_FLOPS.items():
-        if key in device_name:
-            return value
-    return None
+        k = _words(key)
+        if any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1)):
+            if best is None or len(k) > best[0]:
+                best = (len(k), value)
+    return None if best is None else best[1]
+
+
+def _words(name: str) -> list[str]:
+    """'NVIDIA A100-SXM4-80GB' -> ['nvidia', 'a100', 'sxm4', '80gb']."""
+    return [w for w in re.split(r"[\s\-_/]+", name.lower()) if w]
 
 
 def format_report(name: str, rep: FlopReport) -> str:
@@ -192,15 +205,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--num-condition-tokens", type=int, default=16)
     args = ap.parse_args(argv)
+    if args.model not in MODEL_CONFIGS:
+        ap.error(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+    for flag, value in (("--resolution", args.resolution), ("--vae-factor", args.vae_factor),
+                        ("--in-channels", args.in_channels), ("--num-classes", args.num_classes),
+                        ("--num-condition-tokens", args.num_condition_tokens)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
     if args.resolution % args.vae_factor:
         ap.error(f"--resolution {args.resolution} is not divisible by --vae-factor {args.vae_factor}")
-    margs = model_args(
-        args.model,
-        input_size=args.resolution // args.vae_factor,
-        in_channels=args.in_channels,
-        num_classes=args.num_classes,
-        num_condition_tokens=args.num_condition_tokens,
-    )
+    try:
+        margs = model_args(
+            args.model,
+            input_size=args.resolution // args.vae_factor,
+            in_channels=args.in_channels,
+            num_classes=args.num_classes,
+            num_condition_tokens=args.num_condition_tokens,
+        )
+    except ValueError as err:  # e.g. a latent size the model's patch sizes do not divide
+        ap.error(f"{args.model} at --resolution {args.resolution}: {err}")
     print(format_report(args.model, count_flops(margs)))
 
 

@@ -1,7 +1,8 @@
 """Sampling: from a run directory (newest checkpoint, EMA weights) or an exported weights file.
 
 ``python -m mpdit_dist.sample --run-dir DIR [--num-per-class N | --num-samples N] [--cfg-scale S]
-[--sampler euler|heun|dopri5|euler_maruyama] [--steps K] [--seed S] [--out FILE.npz] [--grid FILE.png]``
+[--sampler euler|heun|dopri5|euler_maruyama] [--steps K] [--seed S] [--out FILE.npz] [--grid FILE.png]
+[--precision auto|bf16|fp32] [--tf32] [--attention auto|sdpa|math|flash_attn]``
 
 Latents are mapped back through the run's encoder (the VAE, or identity for pixel-space data)
 and written as ADM's evaluator reads them: ``arr_0`` uint8 N x H x W x C, ``arr_1`` the labels.
@@ -9,6 +10,7 @@ and written as ADM's evaluator reads them: ``arr_0`` uint8 N x H x W x C, ``arr_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 
 from .flow import guided_velocity, sample
+from .metrics.numerics import float32_mode
+from .models import ATTENTION_BACKENDS, flash_attn_available
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,16 +135,20 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: Optional[int] = None, 
 # ------------------------------------------------------------------------------------------------
 
 def load_for_sampling(run_dir: Optional[str] = None, checkpoint: Optional[str] = None, use_ema: bool = True,
-                      device: torch.device = torch.device("cpu")):
-    """(model, manifest, info) from a run dir / checkpoint dir (sharded) or an exported file."""
+                      device: torch.device = torch.device("cpu"), attention: Optional[str] = None):
+    """(model, manifest, info) from a run dir / checkpoint dir (sharded) or an exported file.
+
+    ``attention``: the kernel to run with (default: the saved one, or ``auto`` where the saved
+    ``flash_attn`` is not importable; see :func:`mpdit_dist.export.inference_attention`)."""
     from .export import load_checkpoint_weights, load_exported
 
     if checkpoint and Path(checkpoint).suffix == ".safetensors":
-        model, meta = load_exported(checkpoint)
+        model, meta = load_exported(checkpoint, attention=attention)
         manifest = meta.get("manifest") or {}
         return model.to(device), manifest, {"source": checkpoint, "step": meta.get("step"),
                                             "config": meta.get("config") or {}}
-    model, manifest, info = load_checkpoint_weights(run_dir=run_dir, checkpoint=checkpoint, use_ema=use_ema)
+    model, manifest, info = load_checkpoint_weights(run_dir=run_dir, checkpoint=checkpoint, use_ema=use_ema,
+                                                    attention=attention)
     return model.to(device), manifest, info
 
 
@@ -148,11 +156,14 @@ def plan_labels(classes: Sequence[int], num_samples: Optional[int], num_per_clas
                 balanced: bool = False) -> list[int]:
     """The labels of every sample, fixed by the arguments alone (never by the number of ranks).
 
-    ``num_per_class``: each class that many times, in class order. ``num_samples``: uniform at
-    random over the classes, or, with ``balanced``, as even as possible (shuffled)."""
+    ``num_samples``: uniform at random over the classes, or, with ``balanced``, as even as possible
+    (shuffled). ``num_per_class``: each class that many times, in a seeded shuffled order: the same
+    labels as ``num_samples = len(classes) * num_per_class`` with ``balanced``. Never in class order:
+    the Inception Score is averaged over consecutive splits of 5,000 samples (as ADM computes it),
+    and a class-sorted file gives each split only a few classes, capping the score."""
     classes = list(classes)
     if num_samples is None:
-        return [c for c in classes for _ in range(num_per_class or 8)]
+        return plan_labels(classes, len(classes) * (num_per_class or 8), None, seed, balanced=True)
     rng = np.random.default_rng(seed)
     if balanced:
         labels = [classes[i % len(classes)] for i in range(num_samples)]
@@ -161,10 +172,86 @@ def plan_labels(classes: Sequence[int], num_samples: Optional[int], num_per_clas
     return [int(c) for c in rng.choice(classes, size=num_samples)]
 
 
+def grid_order(labels: Sequence[int]) -> np.ndarray:
+    """Indices that put samples in class order (stable), for a grid with one row per class."""
+    return np.argsort(np.asarray(labels), kind="stable")
+
+
 def _atomic_savez(path: Path, **arrays) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+
+
+def _parse_classes(ap: argparse.ArgumentParser, text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        ap.error(f"--classes {text!r}: give comma-separated class indices, e.g. 0,3,7")
+
+
+def _parse_interval(ap: argparse.ArgumentParser, text: Optional[str]) -> Optional[tuple[float, float]]:
+    if not text:
+        return None
+    usage = "give lo,hi: two times with 0 <= lo < hi <= 1 (guidance applies for lo <= t <= hi)"
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        ap.error(f"--guidance-interval {text!r}: {usage}")
+    if not 0.0 <= lo < hi <= 1.0:
+        ap.error(f"--guidance-interval {text!r}: {usage}")
+    return lo, hi
+
+
+def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The command line, checked before anything is loaded: bad values end here with the flag named."""
+    ap = argparse.ArgumentParser(description="Sample from a trained MPDiT")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="run directory: newest checkpoint, EMA weights")
+    src.add_argument("--checkpoint", help="a checkpoint directory (step_*) or an exported .safetensors")
+    ap.add_argument("--num-per-class", type=int, default=None,
+                    help="each class this many times (default 8), written in a seeded shuffled order (the same "
+                         "samples as --num-samples CLASSES*N --balanced); the grid shows one row per class")
+    ap.add_argument("--num-samples", type=int, default=None)
+    ap.add_argument("--balanced", action="store_true", help="with --num-samples: equal counts per class")
+    ap.add_argument("--classes", type=str, default=None, help="comma-separated class indices (default: all)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the run's train.sample_cfg_scale")
+    ap.add_argument("--guidance-interval", type=str, default=None,
+                    help="lo,hi in t (0 <= lo < hi <= 1): guidance only for lo <= t <= hi")
+    ap.add_argument("--sampler", default="euler", choices=["euler", "heun", "dopri5", "euler_maruyama"])
+    ap.add_argument("--steps", type=int, default=None,
+                    help="integration steps (default: the run's train.sample_steps); dopri5 ignores it (adaptive)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--out", default=None, help="npz path (default: <run-dir>/samples/samples.npz)")
+    ap.add_argument("--grid", default=None, help="png path (default: beside the npz)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="the model's forward: bf16 autocast (auto on a GPU) or fp32 (auto on a CPU); fp32 is "
+                         "strict fp32 unless --tf32")
+    ap.add_argument("--tf32", action="store_true",
+                    help="let fp32 matrix products and convolutions use TF32 on Ampere and newer GPUs (the "
+                         "official sample.py's default, its --tf32); without it they run in full fp32")
+    ap.add_argument("--attention", default=None, choices=list(ATTENTION_BACKENDS),
+                    help="attention kernel on this machine (default: the saved one; a saved flash_attn falls back "
+                         "to auto where flash-attn is not installed)")
+    args = ap.parse_args(argv)
+    if args.num_samples is not None and args.num_per_class is not None:
+        ap.error("give --num-samples or --num-per-class, not both")
+    if args.num_samples is None and args.num_per_class is None:
+        args.num_per_class = 8
+    for flag, value in (("--num-samples", args.num_samples), ("--num-per-class", args.num_per_class),
+                        ("--batch-size", args.batch_size), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
+    if args.attention == "flash_attn" and not flash_attn_available():
+        ap.error("--attention flash_attn: the flash-attn package is not importable here")
+    args.class_list = _parse_classes(ap, args.classes)
+    args.interval = _parse_interval(ap, args.guidance_interval)
+    return args, ap
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -174,36 +261,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     sample's noise depends only on (seed, its index), and parts have the same shape whatever the
     number of ranks, so 1 rank and N ranks write the same images. Finished parts are kept in
     ``<out>.parts/``: a rerun of the same command skips them (resumable)."""
-    ap = argparse.ArgumentParser(description="Sample from a trained MPDiT")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", help="run directory: newest checkpoint, EMA weights")
-    src.add_argument("--checkpoint", help="a checkpoint directory (step_*) or an exported .safetensors")
-    ap.add_argument("--num-per-class", type=int, default=None)
-    ap.add_argument("--num-samples", type=int, default=None)
-    ap.add_argument("--balanced", action="store_true", help="with --num-samples: equal counts per class")
-    ap.add_argument("--classes", type=str, default=None, help="comma-separated class indices (default: all)")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the run's train.sample_cfg_scale")
-    ap.add_argument("--guidance-interval", type=str, default=None, help="lo,hi in t")
-    ap.add_argument("--sampler", default="euler", choices=["euler", "heun", "dopri5", "euler_maruyama"])
-    ap.add_argument("--steps", type=int, default=None, help="default: the run's train.sample_steps")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--no-ema", action="store_true")
-    ap.add_argument("--out", default=None, help="npz path (default: <run-dir>/samples/samples.npz)")
-    ap.add_argument("--grid", default=None, help="png path (default: beside the npz)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="the model's forward: bf16 autocast (auto on a GPU) or fp32 (auto on a CPU, as the official "
-                         "sampler everywhere)")
-    args = ap.parse_args(argv)
-    if args.num_samples is not None and args.num_per_class is not None:
-        ap.error("give --num-samples or --num-per-class, not both")
+    args, ap = _parse_args(argv)
 
-    from .distributed.env import barrier, init_distributed
+    from .distributed.env import init_distributed, shutdown
 
     dist_info = init_distributed("auto" if args.device == "auto" else args.device)
+    try:
+        _sample(args, ap, dist_info)
+    except BaseException:
+        shutdown(failed=True)  # no barrier: the other ranks may be waiting in another collective
+        raise
+    shutdown()
+
+
+def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) -> None:
+    from .distributed.env import barrier
+
     device = dist_info.device
-    model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device)
+    if args.sampler == "dopri5" and args.steps is not None and dist_info.is_main:
+        print("warning: --steps is ignored by the dopri5 sampler (adaptive step size)", file=sys.stderr)
+    model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device, args.attention)
     bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
     margs = model.args
     run_cfg = info.get("config", {}).get("train", {})
@@ -211,21 +288,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     normalized = bool(info.get("config", {}).get("data", {}).get("normalize", True))
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else float(run_cfg.get("sample_cfg_scale", 1.0))
     steps = args.steps if args.steps is not None else int(run_cfg.get("sample_steps", 50))
-    if args.classes:
-        classes_all = [int(c) for c in args.classes.split(",")]
-    else:
-        classes_all = list(range(manifest.get("num_classes", margs.num_classes)))
+    classes_all = args.class_list or list(range(manifest.get("num_classes", margs.num_classes)))
     bad = [c for c in classes_all if not 0 <= c < margs.num_classes]
     if bad:
         ap.error(f"--classes {bad} outside [0, {margs.num_classes})")
     labels = plan_labels(classes_all, args.num_samples, args.num_per_class, args.seed, args.balanced)
-    interval = tuple(float(v) for v in args.guidance_interval.split(",")) if args.guidance_interval else None
+    interval = args.interval
     out = Path(args.out) if args.out else Path(args.run_dir or Path(args.checkpoint).parent.parent) / "samples" / "samples.npz"
     settings = {"sampler": args.sampler, "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": interval,
                 "seed": args.seed, "num_samples": len(labels), "batch_size": args.batch_size,
                 "balanced": args.balanced, "ema": not args.no_ema, "source": info.get("source"),
                 "precision": "bf16" if bf16 else "fp32",
                 "checkpoint_step": info.get("step")}
+    # added only when used, so that parts of --num-samples jobs begun before these options existed
+    # still match their settings and resume
+    if args.num_per_class is not None:
+        settings["num_per_class"] = args.num_per_class  # its label order is shuffled (was class order)
+    if args.tf32:
+        settings["tf32"] = True
+    if args.attention is not None:
+        settings["attention"] = args.attention
     parts_dir = out.with_name(out.name + ".parts")
     if dist_info.is_main:
         parts_dir.mkdir(parents=True, exist_ok=True)
@@ -245,37 +327,57 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sample (rank 0 of {dist_info.world_size})")
-    for p in todo:
-        start = p * args.batch_size
-        chunk = labels[start:start + args.batch_size]
-        lat = generate(model, margs, chunk, seed=args.seed, cfg_scale=cfg_scale, sampler=args.sampler, steps=steps,
-                       device=device, bf16=bf16, guidance_interval=interval, offset=start)
-        _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device, normalized),
-                      labels=np.asarray(chunk, dtype=np.int64))
-        if bar is not None:
-            bar.update(1)
+    # fp32 is strict fp32 (TF32 off) unless --tf32; under bf16 autocast PyTorch's defaults stay
+    # (the VAE's cuDNN convolutions use TF32) unless --tf32 asks for TF32 matmuls too
+    precision_mode = float32_mode(tf32=args.tf32) if (args.tf32 or not bf16) else contextlib.nullcontext()
+    with precision_mode:
+        for p in todo:
+            start = p * args.batch_size
+            chunk = labels[start:start + args.batch_size]
+            lat = generate(model, margs, chunk, seed=args.seed, cfg_scale=cfg_scale, sampler=args.sampler, steps=steps,
+                           device=device, bf16=bf16, guidance_interval=interval, offset=start)
+            _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device, normalized),
+                          labels=np.asarray(chunk, dtype=np.int64))
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     barrier()
     if dist_info.is_main:
-        images, got = [], []
-        for p in range(n_parts):
-            with np.load(parts_dir / f"part_{p:06d}.npz") as z:
-                images.append(z["images"])
-                got.append(z["labels"])
-        arr, lab = np.concatenate(images), np.concatenate(got)
+        arr, lab = merge_parts(parts_dir, n_parts, len(labels))
         if lab.tolist() != labels:
             raise SystemExit(f"parts in {parts_dir} do not match the planned labels; remove the folder and rerun")
         out.parent.mkdir(parents=True, exist_ok=True)
         _atomic_savez(out, arr_0=arr, arr_1=lab)
         out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
         grid = Path(args.grid) if args.grid else out.with_suffix(".png")
-        ncol = args.num_per_class if (args.num_samples is None and args.num_per_class) else None
-        save_grid(arr[: min(len(arr), 256)], grid, ncol=ncol)
+        if args.num_per_class is not None:  # one row per class, although the file is shuffled
+            save_grid(arr[grid_order(lab)[:256]], grid, ncol=args.num_per_class)
+        else:
+            save_grid(arr[: min(len(arr), 256)], grid)
         print(f"wrote {len(arr)} samples to {out} (settings in {out.with_suffix('.json')}), grid {grid}")
-    from .distributed.env import shutdown
 
-    shutdown()
+
+def merge_parts(parts_dir: Path, n_parts: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of ``part_000000.npz`` ... in order, filled into one preallocated array
+    (one copy of the images in memory, not the parts plus their concatenation)."""
+    images: Optional[np.ndarray] = None
+    labels = np.empty(total, dtype=np.int64)
+    filled = 0
+    for p in range(n_parts):
+        path = parts_dir / f"part_{p:06d}.npz"
+        with np.load(path) as z:
+            part, part_labels = z["images"], z["labels"]
+        if images is None:
+            images = np.empty((total, *part.shape[1:]), dtype=part.dtype)
+        if filled + len(part) > total or part.shape[1:] != images.shape[1:] or len(part_labels) != len(part):
+            raise SystemExit(f"{path} does not fit the planned samples; remove {parts_dir} and rerun")
+        images[filled:filled + len(part)] = part
+        labels[filled:filled + len(part)] = part_labels
+        filled += len(part)
+    if images is None or filled != total:
+        raise SystemExit(f"parts in {parts_dir} hold {filled} samples, {total} planned; remove the folder and rerun")
+    return images, labels
 
 
 if __name__ == "__main__":

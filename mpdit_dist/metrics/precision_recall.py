@@ -40,6 +40,8 @@ def knn_radii(
     The point itself is its own 0-th neighbour (distance 0), as in ADM, so k=3 means the third
     *other* point.
     """
+    if k < 1:
+        raise ValueError(f"k={k}: the k-th nearest neighbour needs k >= 1 (k=0 is the point itself)")
     with full_fp32():
         feats = _as_features(features, device)
         n = feats.shape[0]

@@ -8,11 +8,13 @@ shapes do not reveal, comes from the matching named config or ``num_heads``.
 CLI: ``python -m mpdit_dist.models.official CKPT.pt --out FILE.safetensors [--num-heads H] [--no-ema]
 [--vae PATH]`` writes the format of ``mpdit_dist.export``: the weights, the architecture and a data
 manifest with the official latent statistics, so ``mpdit_dist.sample --checkpoint FILE`` and
-``train.init_from=FILE`` take it as they take our own exports.
+``train.init_from=FILE`` take it as they take our own exports. A checkpoint without ``ema`` gives
+its raw weights, with a warning; the metadata's ``ema`` and ``checkpoint_key`` say which were taken.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -20,6 +22,8 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .mpdit import MODEL_CONFIGS, MPDiT, ModelArgs
+
+log = logging.getLogger(__name__)
 
 # official prefix -> our prefix, per layout
 _V1_MAP = {
@@ -51,9 +55,23 @@ class OfficialCheckpointError(ValueError):
     pass
 
 
-def _extract_state_dict(obj: Any, use_ema: bool) -> dict[str, torch.Tensor]:
+def _extract_state_dict(obj: Any, use_ema: bool,
+                        source: str = "the checkpoint") -> tuple[dict[str, torch.Tensor], Optional[str]]:
+    """(state dict, the key it was taken from: ``"ema"``, ``"model"``, or None for a bare state dict).
+
+    Without ``"ema"`` the raw ``"model"`` weights are taken, with a warning: they are not what
+    ``use_ema`` asked for, and the caller records which weights were used."""
+    key = None
     if isinstance(obj, Mapping) and ("model" in obj or "ema" in obj):
-        key = "ema" if use_ema and "ema" in obj else "model"
+        key = "ema" if use_ema else "model"
+        if key not in obj:
+            if not use_ema:
+                raise OfficialCheckpointError(
+                    f"{source} has no raw 'model' weights (only 'ema'): convert it without --no-ema / use_ema=False"
+                )
+            log.warning("%s has no 'ema' weights (keys: %s): converting the raw 'model' weights instead",
+                        source, sorted(str(k) for k in obj))
+            key = "model"
         obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise OfficialCheckpointError("not an official MPDiT checkpoint: expected a state dict or {'model', 'ema'}")
@@ -62,7 +80,7 @@ def _extract_state_dict(obj: Any, use_ema: bool) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    return sd, key
 
 
 def _depth(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -166,11 +184,26 @@ def load_official(
     input_size: Optional[int] = None,
     attention: str = "auto",
 ) -> MPDiT:
-    """Our ``MPDiT`` with the weights of an official checkpoint (EMA weights by default)."""
+    """Our ``MPDiT`` with the weights of an official checkpoint (EMA weights by default; the raw
+    weights, with a warning, where the checkpoint holds no EMA)."""
+    return load_official_with_source(path_or_state_dict, num_heads, use_ema, input_size, attention)[0]
+
+
+def load_official_with_source(
+    path_or_state_dict: str | Path | Mapping[str, Any],
+    num_heads: Optional[int] = None,
+    use_ema: bool = True,
+    input_size: Optional[int] = None,
+    attention: str = "auto",
+) -> tuple[MPDiT, Optional[str]]:
+    """:func:`load_official`, and which weights were taken: ``"ema"``, ``"model"`` (raw), or None
+    for a bare state dict (which does not say)."""
+    source = "the official state dict"
     if isinstance(path_or_state_dict, (str, Path)):
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"official checkpoint not found: {path}")
+        source = str(path)
         # weights_only: a checkpoint from elsewhere cannot run code; argparse.Namespace is allowed
         import argparse as _argparse
 
@@ -178,7 +211,7 @@ def load_official(
             obj = torch.load(path, map_location="cpu", weights_only=True)
     else:
         obj = path_or_state_dict
-    sd = _extract_state_dict(obj, use_ema)
+    sd, key = _extract_state_dict(obj, use_ema, source)
     args = infer_args(sd, num_heads=num_heads, input_size=input_size)
     from dataclasses import replace
 
@@ -192,7 +225,7 @@ def load_official(
             f"unexpected {result.unexpected_keys[:10]}"
         )
     _check_positions(sd, model)
-    return model
+    return model, key
 
 
 def _check_positions(sd: Mapping[str, torch.Tensor], model: MPDiT) -> None:
@@ -240,16 +273,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                     help="the VAE to decode samples with: a local directory or a model id in the local HF cache")
     args = ap.parse_args(argv)
-    model = load_official(args.checkpoint, num_heads=args.num_heads, use_ema=not args.no_ema)
+    model, weights = load_official_with_source(args.checkpoint, num_heads=args.num_heads, use_ema=not args.no_ema)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         out = out / "model.safetensors"
     # the official latents are standardised with OFFICIAL_LATENT_MEAN/STD: data.normalize=true
+    # "ema": the weights actually taken (false where a checkpoint without EMA gave its raw weights;
+    # null for a bare state dict, which does not say); "checkpoint_key": the entry they came from
     meta = {"manifest": official_manifest(model.args, args.vae), "source": str(args.checkpoint),
-            "ema": not args.no_ema, "config": {"data": {"normalize": True}}}
+            "ema": None if weights is None else weights == "ema", "checkpoint_key": weights,
+            "config": {"data": {"normalize": True}}}
     path = save_exported(model, out, meta)
     n = sum(p.numel() for p in model.parameters())
-    print(f"converted {args.checkpoint}: {model.args.stages}, width {model.args.hidden_size}, {n:,} parameters -> {path}")
+    kind = {"ema": "EMA", "model": "raw"}.get(weights or "", "bare state dict")
+    print(f"converted {args.checkpoint} ({kind} weights): {model.args.stages}, width {model.args.hidden_size}, "
+          f"{n:,} parameters -> {path}")
 
 
 if __name__ == "__main__":

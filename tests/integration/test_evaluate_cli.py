@@ -155,3 +155,46 @@ def test_streamed_batches_equal_the_array(files):
     np.testing.assert_array_equal(
         np.concatenate(list(evaluate.open_npz_images(compressed).iter_batches(7))), files["samples"]
     )
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--k", "0"], "--k must be at least 1 (ADM: 3), got 0"),
+    (["--k", "-1"], "--k must be at least 1 (ADM: 3), got -1"),
+    (["--is-split-size", "0"], "--is-split-size must be at least 1 (ADM: 5000), got 0"),
+    (["--input-size", "32"], "--input-size must be at least 75"),
+])
+def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys, argv, message):
+    # neither file exists: the settings must be refused before anything is read or computed
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "samples.npz"), str(tmp_path / "reference.npz"), "--inception", "x.pth", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_api_rejects_bad_settings_before_features(files, tmp_path):
+    net = files["net"]
+    with pytest.raises(EvaluationError, match="k .* must be at least 1, got 0"):
+        compute_metrics(files["samples"], str(files["root"] / "reference.npz"), net, device="cpu", k=0)
+    with pytest.raises(EvaluationError, match="is_split_size .* must be at least 1, got 0"):
+        evaluate.evaluate_npz(tmp_path / "absent.npz", tmp_path / "absent_ref.npz", net, is_split_size=0)
+
+
+def test_labels_sorted_by_class_give_a_warning(files, tmp_path, caplog):
+    """An npz whose arr_1 is sorted by class: the Inception Score's consecutive splits each see one
+    class, so the evaluation warns (logged, and in the JSON's ``warnings``); shuffled, it does not."""
+    rng = np.random.default_rng(1)
+    images = _images(rng, 16)
+    labels = np.repeat(np.arange(4), 4)
+    args = [str(files["root"] / "reference.npz"), "--inception", str(files["weights"]),
+            "--input-size", str(INPUT_SIZE), "--batch-size", "8", "--device", "cpu", "--is-split-size", "4"]
+    np.savez(tmp_path / "sorted.npz", arr_0=images, arr_1=labels)
+    got = main([str(tmp_path / "sorted.npz"), *args, "--out", str(tmp_path / "sorted.json")])
+    written = json.loads((tmp_path / "sorted.json").read_text())
+    assert len(got["warnings"]) == 1 and written["warnings"] == got["warnings"]
+    assert "sorted by class" in got["warnings"][0] and "holds 1 class " in got["warnings"][0]
+    assert "sorted by class" in caplog.text
+    order = rng.permutation(16)
+    np.savez(tmp_path / "shuffled.npz", arr_0=images[order], arr_1=labels[order])
+    assert main([str(tmp_path / "shuffled.npz"), *args])["warnings"] == []
+    np.savez(tmp_path / "nolabels.npz", arr_0=images)
+    assert main([str(tmp_path / "nolabels.npz"), *args])["warnings"] == []

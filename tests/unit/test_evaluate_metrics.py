@@ -184,3 +184,46 @@ def test_precision_recall_blocked_equals_brute_force():
 def test_knn_radii_needs_more_points_than_k():
     with pytest.raises(ValueError, match="more than 3"):
         knn_radii(np.zeros((3, 2), np.float32), k=3)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_knn_radii_rejects_k_below_one(k):
+    # k=0 is each point's distance to itself (0): precision and recall would silently be ~0
+    x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=f"k={k}: .*k >= 1"):
+        knn_radii(x, k=k)
+    with pytest.raises(ValueError, match=f"k={k}"):
+        precision_recall(x, x.copy(), k=k)
+
+
+# ------------------------------------------------------------------ sample order and IS splits
+
+
+def _one_hot_logits(labels, num_classes=1008):
+    logits = np.zeros((len(labels), num_classes), np.float32)
+    logits[np.arange(len(labels)), labels] = 12.0  # a confident classifier that is always right
+    return logits
+
+
+def test_class_sorted_samples_cap_inception_score_and_are_flagged():
+    """ADM's IS averages consecutive splits, so the sample order matters: 50 per class over 1,000
+    classes in class order gives each split of 5,000 only 100 classes. mpdit_dist.sample's
+    --num-per-class plan is shuffled; the evaluation flags a grouped order."""
+    from mpdit_dist.evaluate import label_order_warning
+    from mpdit_dist.sample import plan_labels
+
+    sorted_labels = np.repeat(np.arange(1000), 50)
+    planned = np.array(plan_labels(range(1000), None, 50, seed=0))  # --num-per-class 50
+    assert np.array_equal(np.bincount(planned), np.full(1000, 50))
+    assert inception_score(_one_hot_logits(sorted_labels)) < 100
+    assert inception_score(_one_hot_logits(planned)) > 800
+    warning = label_order_warning(sorted_labels)
+    assert "sorted by class" in warning and "holds 100 classes" in warning and "995" in warning
+    assert label_order_warning(planned) is None
+    uniform = np.array(plan_labels(range(1000), 50000, None, seed=0))  # the official recipe
+    assert label_order_warning(uniform) is None
+    # grouped but not sorted (classes in blocks, blocks in random order) is flagged too
+    blocks = np.random.default_rng(0).permutation(1000)
+    assert "grouped by class" in label_order_warning(np.repeat(blocks, 50))
+    # one split only: the order cannot matter
+    assert label_order_warning(np.repeat(np.arange(10), 10), split_size=100) is None

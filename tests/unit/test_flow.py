@@ -1,5 +1,4 @@
 """Samplers on Gaussian data, whose exact flow-matching velocity field is closed-form."""
-import math
 
 import pytest
 import torch

@@ -187,6 +187,75 @@ def test_convert_cli_output_samples_and_warm_starts(tmp_path):
         load_weights_into(other_heads, str(out))
 
 
+def test_convert_checkpoint_without_ema_records_raw_weights(tmp_path, caplog):
+    """A checkpoint without 'ema' gives its raw weights, with a warning, and the export says so."""
+    import json
+
+    from safetensors import safe_open
+
+    from mpdit_dist.models.official import load_official_with_source, main
+
+    model = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"model": _to_official(model), "epoch": 3}, tmp_path / "raw.pt")
+    out = tmp_path / "raw.safetensors"
+    main([str(tmp_path / "raw.pt"), "--out", str(out), "--num-heads", "2"])
+    assert "has no 'ema' weights" in caplog.text and "raw 'model' weights" in caplog.text
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ema"]) is False and json.loads(meta["checkpoint_key"]) == "model"
+    from mpdit_dist.export import load_exported
+
+    assert torch.equal(load_exported(out)[0].final_layer.linear.weight, model.final_layer.linear.weight)
+    # with both, the EMA by default and the raw weights with --no-ema; a bare state dict does not say
+    raw = {k: v if k.startswith("pos_embed") else torch.zeros_like(v) for k, v in _to_official(model).items()}
+    both = {"model": raw, "ema": _to_official(model)}
+    assert load_official_with_source(both, num_heads=2)[1] == "ema"
+    assert load_official_with_source(both, num_heads=2, use_ema=False)[1] == "model"
+    assert load_official_with_source(_to_official(model), num_heads=2)[1] is None
+    with pytest.raises(OfficialCheckpointError, match="no raw 'model' weights"):
+        load_official_with_source({"ema": _to_official(model)}, num_heads=2, use_ema=False)
+
+
+def test_exported_flash_attn_weights_load_where_flash_attn_is_missing(tmp_path, caplog):
+    """The attention kernel is the loading machine's choice: weights saved with flash_attn load
+    with 'auto' (logged) where flash-attn is not importable; an explicit kernel overrides."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mpdit_dist.export import load_exported, save_exported
+    from mpdit_dist.models import flash_attn_available
+
+    if flash_attn_available():
+        pytest.skip("flash-attn is installed here: the fallback is not exercised")
+    torch.manual_seed(0)
+    model = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=8,
+                         attention="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    plain = save_exported(model, tmp_path / "sdpa.safetensors", {"manifest": {}})
+    with safe_open(str(plain), framework="pt") as f:
+        meta = f.metadata()
+    margs = json.loads(meta["model_args"])
+    margs["attention"] = "flash_attn"  # as a run trained on GPUs with model.attention=flash_attn writes it
+    meta["model_args"] = json.dumps(margs)
+    flash = tmp_path / "flash.safetensors"
+    save_file(load_file(str(plain)), str(flash), metadata=meta)
+
+    loaded, _ = load_exported(flash)
+    assert loaded.args.attention == "auto" and "attention='flash_attn', which is not importable here" in caplog.text
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y))
+    assert load_exported(flash, attention="math")[0].args.attention == "math"
+    with pytest.raises(ValueError, match="flash-attn package is not importable"):
+        load_exported(flash, attention="flash_attn")
+
+
 def test_peak_flops_by_device_name():
     from mpdit_dist.flops import device_peak_flops
 
@@ -194,6 +263,26 @@ def test_peak_flops_by_device_name():
     assert device_peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM figure
     assert device_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert device_peak_flops("Some New Card") is None and device_peak_flops(None) is None
+    # whole words: "A10" is not a prefix match for AWS's A10G (another chip, another peak) or the A100
+    assert device_peak_flops("NVIDIA A10") == 125e12
+    assert device_peak_flops("NVIDIA A10G") is None
+    assert device_peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert device_peak_flops("NVIDIA H100 NVL") == 835e12 and device_peak_flops("NVIDIA GH200 480GB") == 989e12
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["MPDiT-XL/4x", "--num-condition-tokens", "0"], "--num-condition-tokens must be at least 1, got 0"),
+    (["MPDiT-XXL/4x"], "unknown model 'MPDiT-XXL/4x'; choose one of MPDiT-B/4x"),
+    (["MPDiT-XL/4x", "--vae-factor", "0"], "--vae-factor must be at least 1, got 0"),
+    (["MPDiT-XL/4x", "--resolution", "264"], "MPDiT-XL/4x at --resolution 264: model input_size=33 is not divisible"),
+])
+def test_flops_cli_bad_input(capsys, argv, message):
+    from mpdit_dist.flops import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_flops_mpdit_half_of_dense():
