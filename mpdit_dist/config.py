@@ -269,7 +269,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if cfg.optim.eps <= 0:
         raise ConfigError(f"optim.eps={cfg.optim.eps} must be > 0")
-    if (cfg.train.sample_every > 0 or cfg.train.eval_every > 0) and not cfg.train.sample_classes:
+    if cfg.train.sample_every > 0 and not cfg.train.sample_classes:  # the grids' classes (evaluation uses all)
         raise ConfigError(f"train.sample_classes=[] with train.sample_every={cfg.train.sample_every}: name the "
                           "classes of the sample grids, or set train.sample_every=0")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):

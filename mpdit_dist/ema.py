@@ -22,7 +22,8 @@ def clean_name(name: str) -> str:
     return name
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor; any other tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -49,8 +50,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
-        params = [_local(p.detach()) for p in model.parameters()]
-        torch._foreach_lerp_([_local(s) for s in self.shadow], params, weight)
+        params = [local_tensor(p.detach()) for p in model.parameters()]
+        torch._foreach_lerp_([local_tensor(s) for s in self.shadow], params, weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
@@ -66,7 +67,7 @@ class EMA:
             for name, s in zip(self.names, self.shadow):
                 src = state[name]
                 if src is not s:
-                    _local(s).copy_(_local(src))
+                    local_tensor(s).copy_(local_tensor(src))
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -79,16 +80,16 @@ class EMA:
         params = list(model.parameters())
         _reshard(model)
         with torch.no_grad():
-            backup = [_local(p.detach()).clone() for p in params]
+            backup = [local_tensor(p.detach()).clone() for p in params]
             for p, s in zip(params, self.shadow):
-                _local(p.detach()).copy_(_local(s))
+                local_tensor(p.detach()).copy_(local_tensor(s))
         try:
             yield model
         finally:
             _reshard(model)
             with torch.no_grad():
                 for p, b in zip(params, backup):
-                    _local(p.detach()).copy_(b)
+                    local_tensor(p.detach()).copy_(b)
 
 
 def _reshard(model: nn.Module) -> None:

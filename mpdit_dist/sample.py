@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from .distributed.env import barrier, init_distributed, shutdown
 from .flow import guided_velocity, sample
 from .metrics.numerics import float32_mode
 from .models import ATTENTION_BACKENDS, flash_attn_available
@@ -263,8 +264,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     ``<out>.parts/``: a rerun of the same command skips them (resumable)."""
     args, ap = _parse_args(argv)
 
-    from .distributed.env import init_distributed, shutdown
-
     dist_info = init_distributed("auto" if args.device == "auto" else args.device)
     try:
         _sample(args, ap, dist_info)
@@ -275,8 +274,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) -> None:
-    from .distributed.env import barrier
-
     device = dist_info.device
     if args.sampler == "dopri5" and args.steps is not None and dist_info.is_main:
         print("warning: --steps is ignored by the dopri5 sampler (adaptive step size)", file=sys.stderr)

@@ -26,7 +26,7 @@ from . import config as C
 from . import preemption
 from .checkpoint import CheckpointManager, code_version, fault_point, list_checkpoints
 from .distributed.env import DistInfo, broadcast_object, init_distributed, shutdown
-from .ema import EMA
+from .ema import EMA, local_tensor
 from .flops import device_peak_flops, train_flops_per_image
 from .flow import FlowMatching
 from .sample import decode_to_uint8, generate, save_grid
@@ -96,10 +96,8 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 def _local_shard(p: torch.Tensor) -> torch.Tensor:
     """What this rank holds of parameter ``p``: FSDP2's local shard of a DTensor, ZeRO-3's partition
     (``ds_tensor``: the parameter itself is an empty placeholder outside a forward), else ``p``."""
-    if hasattr(p, "to_local"):
-        return p.to_local()
     part = getattr(p, "ds_tensor", None)
-    return part if part is not None and p.numel() == 0 else p
+    return part if part is not None and p.numel() == 0 else local_tensor(p)
 
 
 def split_batch(global_batch: int, world: int, micro: Optional[int]) -> tuple[int, int, int]:

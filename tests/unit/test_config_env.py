@@ -164,3 +164,9 @@ def test_deepspeed_backend_without_deepspeed_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     with pytest.raises(ImportError, match=r"parallel.backend=deepspeed needs the DeepSpeed package.*\[deepspeed\]"):
         build_engine(None, None, None, 1, 1, lambda s: 1.0, False)
+
+
+def test_sample_classes_are_needed_by_the_grids_only():
+    """In-training evaluation samples every class: without grids, no grid classes are needed."""
+    C.load_config(None, ["train.sample_every=0", "train.sample_classes=[]", "train.eval_every=5",
+                         "train.eval_reference=ref.npz", "train.eval_inception=inception.pth"])
