@@ -109,11 +109,13 @@ def resolve_device(name: str) -> torch.device:
 def bench_config(batch: int, precision: str, device: torch.device, *, seed: int = 0, compile: bool = False,
                  ac: str = "none", lr: Optional[float] = None, optimizer_fused: Optional[bool] = None,
                  compile_scope: str = "blocks", compile_mode: Optional[str] = None,
-                 backend: str = "none") -> C.Config:
+                 backend: str = "none", grad_clip: float = 0.0, reshard_after_forward: bool = True) -> C.Config:
     """The config sections ``Trainer.train_step`` reads: one rank, no accumulation, defaults elsewhere
-    (AdamW lr 1e-4, grad clip 1.0, EMA 0.9999 with warm-up, logit-normal t, 10% class dropout).
+    (AdamW lr 1e-4, EMA 0.9999 with warm-up, logit-normal t, 10% class dropout). ``grad_clip`` 0
+    (no clipping, only the norm measured) as the paper recipes and the official script.
     ``backend`` ``fsdp2`` is FSDP2 over this one device: bf16 parameters for compute (fp32 master
-    weights and reduction), as ``parallel.backend=fsdp2`` runs on one GPU."""
+    weights and reduction), as ``parallel.backend=fsdp2`` runs on one GPU; ``reshard_after_forward``
+    False keeps each block's bf16 parameters from its forward to its backward (no second cast)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {PRECISIONS}")
     if ac not in AC_MODES:
@@ -136,6 +138,8 @@ def bench_config(batch: int, precision: str, device: torch.device, *, seed: int 
     if lr is not None:
         cfg.optim.lr = lr
     cfg.optim.fused = optimizer_fused
+    cfg.optim.grad_clip = grad_clip
+    cfg.parallel.reshard_after_forward = reshard_after_forward
     return cfg
 
 
@@ -183,7 +187,7 @@ def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, 
                 compile: bool = False, ac: str = "none", device: str | torch.device = "cpu", seed: int = 0,
                 lr: Optional[float] = None, optimizer_fused: Optional[bool] = None,
                 compile_scope: str = "blocks", compile_mode: Optional[str] = None, backend: str = "none",
-                official_module=None) -> Setup:
+                official_module=None, grad_clip: float = 0.0, reshard_after_forward: bool = True) -> Setup:
     """A ``Trainer`` ready to step: the pieces ``Trainer.build`` makes, minus the data loader and files.
 
     ``overrides`` go to ``create_model`` (e.g. ``attention``, ``input_size``, ``stages``). With
@@ -195,7 +199,7 @@ def build_setup(model_name: str, overrides: Optional[dict[str, Any]] = None, *, 
         raise ValueError(f"the official model runs with backend none only, not {backend!r}")
     cfg = bench_config(batch, precision, device, seed=seed, compile=compile, ac=ac, lr=lr,
                        optimizer_fused=optimizer_fused, compile_scope=compile_scope, compile_mode=compile_mode,
-                       backend=backend)
+                       backend=backend, grad_clip=grad_clip, reshard_after_forward=reshard_after_forward)
     # the real constructor: batch split, precision choice, device; build() (loader, run dir) is not called
     trainer = Trainer(cfg, run_dir=Path(tempfile.gettempdir()) / "mpdit-bench-unused")
     if device.type == "cuda":  # as Trainer.build
@@ -333,11 +337,7 @@ def instrumented_step(trainer: Trainer, batch_cpu: dict[str, torch.Tensor], time
     with timer.phase("backward"):
         loss.backward()
     with timer.phase("optimizer"):
-        clip = tr.cfg.optim.grad_clip
-        torch.nn.utils.clip_grad_norm_(tr.raw_model.parameters(), clip if clip > 0 else float("inf"))
-        tr.optimizer.step()
-        tr.optimizer.zero_grad(set_to_none=True)
-        tr.scheduler.step()
+        tr.optimizer_step()
     tr.step += 1
     with timer.phase("ema"):
         tr.ema.update(tr.raw_model, tr.step)
@@ -498,14 +498,17 @@ def free_device_memory() -> None:
 def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: int, device: torch.device,
                 phase_steps: Optional[int] = None,
                 overrides: dict[str, Any], ac: str = "none", optimizer_fused: Optional[bool] = None,
-                official_module=None, profile: bool = False, profile_steps_n: int = 3, seed: int = 0) -> dict[str, Any]:
+                official_module=None, profile: bool = False, profile_steps_n: int = 3, seed: int = 0,
+                grad_clip: float = 0.0, reshard_after_forward: bool = True) -> dict[str, Any]:
     """Build, warm up (compiles here), time fused, time phases, optionally profile; never raises
     for a failure of the variant itself: the row says ``status: failed`` and why."""
     row: dict[str, Any] = {"label": v.label, "model": v.model, "impl": "official" if v.official else "ours",
                            "compile": v.compile, "compile_scope": v.scope if v.compile else None,
                            "compile_mode": v.mode if v.compile else None, "backend": v.backend,
                            "attention": "timm" if v.official else v.attention,
-                           "precision": precision, "batch": batch, "ac": ac, "status": "ok"}
+                           "precision": precision, "batch": batch, "ac": ac, "grad_clip": grad_clip, "status": "ok"}
+    if v.backend == "fsdp2":
+        row["reshard_after_forward"] = reshard_after_forward
     setup = tr = timer = loss = None
     free_device_memory()
     if device.type == "cuda":
@@ -520,7 +523,8 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
         setup = build_setup(v.model, over, batch=batch, precision=precision, compile=v.compile, ac=ac,
                             device=device, seed=seed, optimizer_fused=optimizer_fused,
                             compile_scope=v.scope, compile_mode=v.mode, backend=v.backend,
-                            official_module=official_module if v.official else None)
+                            official_module=official_module if v.official else None, grad_clip=grad_clip,
+                            reshard_after_forward=reshard_after_forward)
         tr = setup.trainer
         row["params"] = count_parameters(setup.trainer.raw_model)
         row["flops_per_image"] = train_flops_per_image(setup.args)
@@ -595,18 +599,20 @@ def run_variant(v: Variant, *, batch: int, precision: str, steps: int, warmup: i
 def run_losses(model_name: str = "custom", overrides: Optional[dict[str, Any]] = None, steps: int = 100,
                compile: bool = False, attention: str = "auto", precision: str = "fp32", *, batch: int = 8,
                seed: int = 0, device: str = "cpu", lr: Optional[float] = None, compile_scope: str = "blocks",
-               backend: str = "none") -> list[float]:
+               backend: str = "none", grad_clip: float = 1.0) -> list[float]:
     """Per-step training losses of ``steps`` ``Trainer.train_step`` calls with a fixed seed.
 
     Initial weights, data (a fresh synthetic batch per step) and the step's randomness depend only
     on ``seed`` and the step, so two calls differing only in ``compile``/``attention`` compute the
     same mathematics and their losses differ by floating-point reordering alone (``backend`` fsdp2
-    with bf16 also rounds the parameters and the activations between blocks to bf16).
+    with bf16 also rounds the parameters and the activations between blocks to bf16). Gradients are
+    clipped at ``grad_clip`` (1.0, the config default): at the tests' high learning rate an unclipped
+    step lets those rounding differences grow faster.
     """
     over = dict(overrides or {})
     over["attention"] = attention
     setup = build_setup(model_name, over, batch=batch, precision=precision, compile=compile, device=device,
-                        seed=seed, lr=lr, compile_scope=compile_scope, backend=backend)
+                        seed=seed, lr=lr, compile_scope=compile_scope, backend=backend, grad_clip=grad_clip)
     tr = setup.trainer
     losses = []
     for step in range(steps):
@@ -766,6 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ac", default="none", choices=AC_MODES, help="activation checkpointing of every block")
     ap.add_argument("--optimizer-fused", default="auto", choices=("auto", "0", "1"),
                     help="AdamW fused (auto: as the trainer, fused on CUDA) or foreach (0)")
+    ap.add_argument("--grad-clip", type=float, default=0.0,
+                    help="optim.grad_clip of the step (0: the norm is measured, nothing clipped, as the paper "
+                         "recipes and the official script; 1.0 was the default before the sixth session)")
+    ap.add_argument("--reshard-after-forward", type=int, default=1, choices=(0, 1),
+                    help="fsdp2 variants: parallel.reshard_after_forward (1, the config default: each block's "
+                         "bf16 parameters are cast again for its backward; 0: kept from forward to backward)")
     ap.add_argument("--official", default=None, metavar="PATH",
                     help="also benchmark the official models/mpdit.py at PATH (needs timm)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler: kernel time by category per variant")
@@ -858,7 +870,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             row = run_variant(v, batch=args.batch, precision=args.precision, steps=args.steps, warmup=args.warmup,
                               phase_steps=args.phase_steps, device=device, overrides=overrides, ac=args.ac,
                               optimizer_fused=fused, official_module=official_module, profile=args.profile,
-                              profile_steps_n=args.profile_steps, seed=args.seed)
+                              profile_steps_n=args.profile_steps, seed=args.seed, grad_clip=args.grad_clip,
+                              reshard_after_forward=bool(args.reshard_after_forward))
             for note in row.get("notes", []):
                 print(f"#   note: {note}", flush=True)
             if row["status"] != "ok":
@@ -879,7 +892,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "env": env,
         "settings": {k: getattr(args, k) for k in ("models", "batch", "precision", "compile", "compile_mode", "backend",
                                                    "attention", "steps",
-                                                   "warmup", "phase_steps", "ac", "optimizer_fused", "seed", "official")},
+                                                   "warmup", "phase_steps", "ac", "optimizer_fused", "grad_clip",
+                                                   "reshard_after_forward", "seed",
+                                                   "official")},
         "overrides": overrides,
         "phases": list(PHASES),
         "notes": ("img_per_s = batch / step_ms_mean of the fused pass (Trainer.train_step back to back, "

@@ -475,14 +475,28 @@ class Trainer:
             self.engine.step()
             grad_norm = torch.as_tensor(self.engine.get_global_grad_norm() or 0.0, device=self.device)
         else:
-            clip = self.cfg.optim.grad_clip
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip if clip > 0 else float("inf"))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            grad_norm = self.optimizer_step()
         self.step += 1
         self.ema.update(self.raw_model, self.step)
         return loss_sum, grad_norm
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Gradient norm, clipping (``optim.grad_clip > 0``), AdamW, zero_grad and the LR schedule
+        (every backend but DeepSpeed, whose engine does its own). Returns the total gradient norm
+        before clipping, a device tensor (a replicated DTensor under FSDP2).
+
+        With clipping off (the paper recipes) the norm is only measured: ``clip_grad_norm_`` with an
+        infinite bound would still multiply every gradient by 1.0, a full read and write of the
+        gradients (about 1.3 ms a step for MPDiT-XL/4x on an H100) that changes nothing."""
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), clip, grad_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -141,6 +141,60 @@ def test_instrumented_step_is_the_trainer_step():
     assert any(not torch.equal(p, q) for p, q in zip(fresh.parameters(), a.trainer.raw_model.parameters()))
 
 
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_optimizer_step_is_clip_grad_norm_then_adamw(clip):
+    """Trainer.optimizer_step against the textbook sequence (clip_grad_norm_, AdamW, zero_grad,
+    schedule): the same weights bit for bit, the same norm. With clipping off it must not touch the
+    gradients at all (no multiply by 1.0: a full pass over them per step on a GPU)."""
+    over = dict(TINY, attention="math")
+    ours = tp.build_setup("custom", over, batch=4, precision="fp32", device="cpu", seed=5, lr=1e-3, grad_clip=clip)
+    ref = tp.build_setup("custom", over, batch=4, precision="fp32", device="cpu", seed=5, lr=1e-3, grad_clip=clip)
+    for step in range(3):
+        norms = []
+        for s in (ours, ref):
+            tr = s.trainer
+            batch = tp.synthetic_batch(4, s.args, 5, step)
+            draw = tr.flow.draw(4, tr.sample_shape, tp.step_generator(5, step, tr.device), tr.device)
+            (tr.flow.per_sample_loss(tr.model, batch["x"], batch["y"], draw).sum() / 4).backward()
+        grads_before = [p.grad.clone() for p in ours.trainer.raw_model.parameters()]
+        seen: list[torch.Tensor] = []
+        if clip == 0:
+            # record every gradient the step writes into: the norm reads them, AdamW reads them
+            from torch.utils._python_dispatch import TorchDispatchMode
+
+            grad_ptrs = {p.grad.data_ptr() for p in ours.trainer.raw_model.parameters()}
+
+            class Writes(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    out = func(*args, **(kwargs or {}))
+                    if func._schema.is_mutable:  # an in-place op: its first argument is written
+                        first = args[0]
+                        for t in first if isinstance(first, (list, tuple)) else [first]:
+                            if isinstance(t, torch.Tensor) and t.data_ptr() in grad_ptrs:
+                                seen.append(t)
+                    return out
+
+            with Writes():
+                norms.append(ours.trainer.optimizer_step())
+        else:
+            norms.append(ours.trainer.optimizer_step())
+        tr = ref.trainer
+        norms.append(torch.nn.utils.clip_grad_norm_(tr.raw_model.parameters(), clip if clip > 0 else float("inf")))
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.scheduler.step()
+        assert torch.equal(norms[0], norms[1])
+        expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads_before]))
+        assert torch.allclose(norms[0], expected, rtol=1e-6)
+        assert not seen, f"clipping is off, yet {len(seen)} gradient(s) were written to"
+        assert all(p.grad is None for p in ours.trainer.raw_model.parameters())
+        for pa, pb in zip(ours.trainer.raw_model.parameters(), tr.raw_model.parameters()):
+            assert torch.equal(pa, pb)
+        assert ours.trainer.current_lr() == tr.current_lr()
+    if clip > 0:
+        assert float(norms[0]) > clip  # the bound really clipped
+
+
 @pytest.mark.slow
 def test_compiled_sdpa_path_matches_plain_path_fp32():
     """Issue 8: the optimised path (per-block torch.compile + SDPA) and the plain one (eager, explicit
