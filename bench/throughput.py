@@ -843,12 +843,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for m in models:
         for a in attentions:
             for c, scope, mode, b in settings():
-                v = Variant(m, c, a, scope=scope, mode=mode, backend=b)
-                if b == "fsdp2" and c and scope == "model":
-                    skipped.append({"label": v.label, "status": "skipped",
-                                    "error": "fsdp2 compiles per block only (parallel.compile_scope=model is refused)"})
-                else:
-                    variants.append(v)
+                variants.append(Variant(m, c, a, scope=scope, mode=mode, backend=b))
     official_module = None
     if args.official:
         official_module = load_official_module(args.official)

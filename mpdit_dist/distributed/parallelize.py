@@ -41,9 +41,11 @@ def apply_activation_checkpointing(model: MPDiT, mode: str, every: int = 2) -> N
 
 def apply_compile(model: MPDiT, mode: str | None = None, scope: str = "blocks") -> None:
     """``blocks``: regional compilation, each block on its own (fullgraph); compiles fast and
-    suits FSDP2's per-block wrapping. ``model``: the whole forward as one graph, which also fuses
-    the glue between blocks, the stage entries and the FNO time embedder's small fp32 ops.
-    Both compile in place (``Module.compile``), so parameter names do not change."""
+    suits FSDP2's per-block wrapping. ``model``: the whole forward, which also fuses the glue
+    between blocks, the stage entries and the FNO time embedder's small fp32 ops. Under FSDP2
+    (wrapped after this) dynamo leaves FSDP2's hooks to run eagerly (``skip_fsdp_hooks``), so
+    the gathers and the casts of each block stay FSDP2's and the compiled pieces fuse what lies
+    between them. Both compile in place (``Module.compile``), so parameter names do not change."""
     if scope == "model":
         model.compile(mode=mode)
         return
@@ -102,8 +104,8 @@ def apply_checkpointing_and_compile(model: MPDiT, pcfg, backend: str) -> None:
     DeepSpeed engine is built around the model after them, as FSDP2 and DDP are.)"""
     apply_activation_checkpointing(model, pcfg.activation_checkpointing, pcfg.ac_every)
     if pcfg.compile:
-        if pcfg.compile_scope == "model" and backend in ("fsdp2", "deepspeed"):
-            raise ValueError(f"parallel.compile_scope=model is not supported with {backend}: use blocks")
+        if pcfg.compile_scope == "model" and backend == "deepspeed":
+            raise ValueError("parallel.compile_scope=model is not supported with deepspeed: use blocks")
         apply_compile(model, pcfg.compile_mode, pcfg.compile_scope)
 
 

@@ -58,6 +58,16 @@ def test_activation_checkpointing_and_compile_change_nothing(tmp_path, npz, refe
     _close(reference, losses(tmp_path / "every"), rel=1e-5)
 
 
+def test_fsdp2_with_the_whole_forward_compiled(tmp_path, npz, reference):
+    """parallel.compile_scope=model under FSDP2 on 2 ranks: dynamo runs FSDP2's hooks (gathers,
+    reshards, gradient reduce-scatters) eagerly between the compiled pieces; the losses are those
+    of one eager process up to the rounding of fused kernels."""
+    proc = train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "parallel.compile=true",
+                                                 "parallel.compile_scope=model"], nproc=2)
+    assert "compiled: the whole forward" in proc.stdout + proc.stderr
+    _close(reference, losses(tmp_path / "run"), rel=1e-5)
+
+
 def test_bf16_params_close_to_fp32(tmp_path, npz, reference):
     train(tmp_path / "run", npz, STEPS + ["parallel.backend=fsdp2", "train.precision=bf16"], nproc=2)
     # bf16 autocast + bf16 FSDP params (fp32 reduce): 8-bit mantissas, loss within ~1e-3 relative
