@@ -43,9 +43,9 @@ def apply_compile(model: MPDiT, mode: str | None = None, scope: str = "blocks") 
     """``blocks``: regional compilation, each block on its own (fullgraph); compiles fast and
     suits FSDP2's per-block wrapping. ``model``: the whole forward, which also fuses the glue
     between blocks, the stage entries and the FNO time embedder's small fp32 ops. Under FSDP2
-    (wrapped after this) dynamo leaves FSDP2's hooks to run eagerly (``skip_fsdp_hooks``), so
-    the gathers and the casts of each block stay FSDP2's and the compiled pieces fuse what lies
-    between them. Both compile in place (``Module.compile``), so parameter names do not change."""
+    (wrapped after this) FSDP2's hooks are excluded from tracing (``torch._dynamo.disable``) and
+    run eagerly, so the gathers and the casts of each block stay FSDP2's and the compiled pieces
+    fuse what lies between them. Both compile in place (``Module.compile``), so parameter names do not change."""
     if scope == "model":
         model.compile(mode=mode)
         return
