@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                  "--grid", str(grid), "--device", "cpu"])
     from mpdit_dist.tracking import default_tracking_uri
 
-    uri = cfg.tracking.uri or default_tracking_uri(out)
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.results_dir)  # where the trainer put it (an override too)
     print(
         "\n[demo] done: {status} at step {step}\n"
         "  samples grid (one row per digit 0-9, CFG {cfg}): {grid}\n"

@@ -165,6 +165,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw weights)")
     args = ap.parse_args(argv)
     src = Path(args.source)
+    if not src.exists():
+        ap.error(f"{src} does not exist (give a run directory or a checkpoint directory step_*)")
+    if not src.is_dir():
+        ap.error(f"{src} is a file, not a run directory or a checkpoint directory (step_*); an official MPDiT "
+                 "checkpoint converts with python -m mpdit_dist.models.official")
     is_ckpt = (src / "trainer.json").is_file()
     model, manifest, info = load_checkpoint_weights(run_dir=None if is_ckpt else str(src),
                                                    checkpoint=str(src) if is_ckpt else None, use_ema=args.ema)

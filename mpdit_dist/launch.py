@@ -345,21 +345,29 @@ def _resolve_tracking_uri(cfg: C.Config) -> str:
     return cfg.tracking.uri or default_tracking_uri(cfg.results_dir)
 
 
-def set_mlflow_tags(cfg: C.Config, run_dir: Path, tags: dict[str, str]) -> bool:
+def set_mlflow_tags(cfg: C.Config, run_dir: Path, tags: dict[str, str], timeout_s: float = 5.0) -> bool:
     """Set ``tags`` on the run's MLflow run (named in ``<run_dir>/mlflow_run_id``); False when there
-    is no such run or MLflow fails (a warning: tracking never fails a job)."""
-    from .tracking import RUN_ID_FILE
+    is no such run or MLflow fails (a warning: tracking never fails a job).
+
+    Bounded by a small multiple of ``timeout_s`` (a probe, then one retry at most):
+    MLflow's own HTTP defaults retry for many minutes, which at the end of a job would hold its
+    allocation, and before a requeue would run into the time limit."""
+    from .tracking import RUN_ID_FILE, _bounded_http, _probe_http
 
     id_file = Path(run_dir) / RUN_ID_FILE
     if not tags or not cfg.tracking.enabled or not id_file.exists():
         return False
     try:
+        from mlflow.entities import RunTag
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(_resolve_tracking_uri(cfg))
-        run_id = id_file.read_text().strip()
-        for k, v in tags.items():
-            client.set_tag(run_id, str(k), str(v))
+        uri = _resolve_tracking_uri(cfg)
+        if uri.startswith(("http://", "https://")):
+            _probe_http(uri, timeout_s)
+        with _bounded_http(timeout_s):
+            client = MlflowClient(uri)
+            run_id = id_file.read_text().strip()
+            client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
         return True
     except Exception as exc:  # noqa: BLE001 - tracking must not fail the job
         log.warning("could not set MLflow tags %s on the run of %s: %s", tags, run_dir, exc)
@@ -441,7 +449,8 @@ class TrainingTask:
         signals = tuple(_SIGNALS_SEEN)
         action = requeue_action(result["status"], restart, cfg.launch.max_requeues, signals,
                                 warning=signals_handled[0].name)
-        if rank == 0 and cfg.launch.tags:
+        if rank == 0 and cfg.launch.tags and action != "requeue":
+            # when the job ends; not before a requeue, whose time is the checkpoint's and the barrier's
             set_mlflow_tags(cfg, run_dir, cfg.launch.tags)
         if result["status"] == "preempted":
             log.warning("rank %d stopped at step %d (signals %s): %s", rank, result["step"], list(signals), action)

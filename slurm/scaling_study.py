@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -136,7 +137,8 @@ def summarize_point(records: list[dict[str, Any]], *, warmup: int, total_steps: 
     """A point's figures from its per-step metrics records, the first ``warmup`` steps left out.
 
     Throughput is the global batch over the *mean* step time of the measured steps (total images
-    over total time, not the mean of per-step rates). MFU is the trainer's (GPU) or, given a peak,
+    over total time, not the mean of per-step rates). MFU is the trainer's per-step MFU weighted by
+    step time (GPU; the same images-over-time rate), or, given a peak,
     ``img/s * train FLOPs per image / (peak * gpus)``.
     """
     by_step = {int(r["step"]): r for r in records}
@@ -150,9 +152,11 @@ def summarize_point(records: list[dict[str, Any]], *, warmup: int, total_steps: 
     times = [float(r["step_time_s"]) for r in measured]
     mean_t = sum(times) / len(times)
     img_s = global_batch / mean_t
-    mfus = [float(r["mfu"]) for r in measured if r.get("mfu") is not None]
-    if mfus:
-        mfu: Optional[float] = sum(mfus) / len(mfus)
+    timed_mfus = [(float(r["mfu"]), float(r["step_time_s"])) for r in measured if r.get("mfu") is not None]
+    if timed_mfus:
+        # The trainer's MFU is per step (that step's img/s). Weighted by step time it matches the
+        # img/s above (images over time); a plain mean would overstate it as a mean of rates does.
+        mfu: Optional[float] = sum(m * t for m, t in timed_mfus) / sum(t for _, t in timed_mfus)
     elif flops_per_image and peak_flops_per_gpu:
         mfu = img_s * flops_per_image / (peak_flops_per_gpu * gpus)
     else:
@@ -168,7 +172,7 @@ def summarize_point(records: list[dict[str, Any]], *, warmup: int, total_steps: 
         "img_per_s": img_s,
         "img_per_s_per_gpu": img_s / gpus,
         "step_time_ms": 1000 * mean_t,
-        "step_time_p50_ms": 1000 * sorted(times)[len(times) // 2],
+        "step_time_p50_ms": 1000 * statistics.median(times),
         "data_wait_ms": 1000 * sum(waits) / len(waits),
         "mfu": mfu,
         "peak_mem_gib": max(mems) if mems else None,
@@ -212,7 +216,7 @@ def markdown_table(rows: list[dict[str, Any]], missing: list[dict[str, str]], ti
         lines.append("| " + " | ".join([
             r["backend"], str(r["gpus"]), str(r.get("nodes", "")), str(r["global_batch"]), _fmt(r["img_per_s"]),
             _fmt(r["img_per_s_per_gpu"]), _fmt(r["step_time_ms"]), _fmt(r["data_wait_ms"]), mfu,
-            _fmt(r.get("peak_mem_gib")), f"{r['speedup']:.2f} ({r['ideal_speedup']:.0f})",
+            _fmt(r.get("peak_mem_gib")), f"{r['speedup']:.2f} ({r['ideal_speedup']:.3g})",
             f"{100 * r['scaling_efficiency']:.1f}%"]) + " |")
     if rows:
         r0 = rows[0]
@@ -315,12 +319,38 @@ def _job_alive(record: dict[str, Any]) -> bool:
     return False
 
 
+OTHER_SETTINGS = "made with other settings"  # the state of a point this study's plan does not match
+
+
+def _other_settings(study: Study, p: Point, *, total_steps: int, global_batch: int,
+                    warmup: Optional[int] = None) -> Optional[str]:
+    """What differs between a point's run (or its result) and this study's plan; None if nothing.
+
+    A point folder of the same name made with another batch, step count or warm-up would otherwise
+    be reported (or skipped as done) as if it had been measured with the settings asked for now."""
+    want_batch = global_batch_for(p, study.strong, study.per_gpu_batch, study.global_batch)
+    diffs = []
+    if global_batch != want_batch:
+        diffs.append(f"global batch {global_batch}, not {want_batch}")
+    if total_steps != study.warmup + study.steps:
+        diffs.append(f"{total_steps} steps in all, not {study.warmup} warm-up + {study.steps}")
+    elif warmup is not None and warmup != study.warmup:
+        diffs.append(f"{warmup} warm-up steps, not {study.warmup}")
+    if not diffs:
+        return None
+    return (f"{OTHER_SETTINGS} ({'; '.join(diffs)}): run the study with the settings it was submitted with "
+            "(--per-gpu-batch/--global-batch, --steps, --warmup), or give another --name or --study-dir")
+
+
 def gather_point(study: Study, p: Point) -> tuple[Optional[dict[str, Any]], str]:
     """(summary, state) of a point: its ``result.json`` when done, written now if its run has finished."""
     d = study.point_dir(p)
     result = d / RESULT_FILE
     if result.exists():
-        return json.loads(result.read_text()), "done"
+        summary = json.loads(result.read_text())
+        other = _other_settings(study, p, total_steps=summary["steps"] + summary["warmup_steps"],
+                                global_batch=summary["global_batch"], warmup=summary["warmup_steps"])
+        return (None, other) if other else (summary, "done")
     if not (d / "metrics.jsonl").exists():
         if (d / JOB_FILE).exists():
             rec = json.loads((d / JOB_FILE).read_text())
@@ -329,6 +359,9 @@ def gather_point(study: Study, p: Point) -> tuple[Optional[dict[str, Any]], str]
     from mpdit_dist.tracking import read_metrics
 
     cfg = C.load_config(d / "config.yaml")  # the point's resolved config, as submitted
+    other = _other_settings(study, p, total_steps=cfg.train.steps, global_batch=cfg.data.global_batch_size)
+    if other:
+        return None, other
     records = read_metrics(d)
     if not records or int(records[-1]["step"]) < cfg.train.steps:
         rec = json.loads((d / JOB_FILE).read_text()) if (d / JOB_FILE).exists() else {}
@@ -357,6 +390,10 @@ def submit_study(study: Study, echo=print) -> list:
     """Submit every point that is neither done nor queued/running; returns the new jobs."""
     from mpdit_dist import launch
 
+    for p in study.points:  # a point folder of other settings is neither reused nor moved aside
+        _, state = gather_point(study, p)
+        if state.startswith(OTHER_SETTINGS):
+            raise SystemExit(f"error: {study.point_dir(p)}: {state}")
     jobs = []
     for p in study.points:
         cfg = study.point_config(p)  # config errors (batch, layout) before anything is submitted
@@ -397,19 +434,25 @@ def log_to_mlflow(study: Study, rows: list[dict[str, Any]]) -> int:
         if not cfg.tracking.enabled:
             continue
         try:
+            from mlflow.entities import Metric
             from mlflow.tracking import MlflowClient
 
-            from mpdit_dist.tracking import default_tracking_uri
+            from mpdit_dist.tracking import _bounded_http, _probe_http, default_tracking_uri
 
-            client = MlflowClient(cfg.tracking.uri or default_tracking_uri(cfg.results_dir))
+            uri = cfg.tracking.uri or default_tracking_uri(cfg.results_dir)
+            if uri.startswith(("http://", "https://")):
+                _probe_http(uri, 5.0)  # a server that does not answer costs seconds, not MLflow's minutes
             run_id = (d / "mlflow_run_id").read_text().strip()
-            for key in ("img_per_s", "img_per_s_per_gpu", "step_time_ms", "data_wait_ms", "mfu", "peak_mem_gib",
-                        "speedup", "scaling_efficiency"):
-                if r.get(key) is not None:
-                    client.log_metric(run_id, f"study_{key}", float(r[key]))
-            set_mlflow_tags(cfg, d, {"study": study.name, "study_point": r["point"],
-                                     "study_backend": r["backend"], "study_gpus": str(r["gpus"]),
-                                     "study_mode": r["mode"]})
+            now = int(time.time() * 1000)
+            metrics = [Metric(f"study_{key}", float(r[key]), now, 0) for key in (
+                "img_per_s", "img_per_s_per_gpu", "step_time_ms", "data_wait_ms", "mfu", "peak_mem_gib", "speedup",
+                "scaling_efficiency") if r.get(key) is not None]
+            with _bounded_http(5.0):
+                MlflowClient(uri).log_batch(run_id, metrics=metrics)
+            if not set_mlflow_tags(cfg, d, {"study": study.name, "study_point": r["point"],
+                                            "study_backend": r["backend"], "study_gpus": str(r["gpus"]),
+                                            "study_mode": r["mode"]}):
+                continue
             done += 1
         except Exception as exc:  # noqa: BLE001 - the report on disk matters more than the mirror
             print(f"warning: could not log {r['point']} to MLflow: {exc}", file=sys.stderr)

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from mpdit_dist import config as C  # noqa: E402
 from mpdit_dist import launch  # noqa: E402
+from mpdit_dist.checkpoint import CheckpointError  # noqa: E402
+from submitit.core.utils import FailedJobError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = default_run_dir(cfg)
     try:
         job = launch.submit(cfg, run_dir, resume=args.resume)
-    except C.ConfigError as exc:
+    except (C.ConfigError, CheckpointError) as exc:  # refused before anything was submitted
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FailedJobError as exc:  # sbatch refused the job (its own message follows)
+        print(f"error: the job was not submitted: {exc}", file=sys.stderr)
+        return 1
     sys.stdout.flush()
     # submitit's debug job trains only when its result is asked for: not waiting would train nothing.
     if not args.wait and cfg.launch.cluster != "debug":
