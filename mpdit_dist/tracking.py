@@ -612,11 +612,13 @@ class Tracker:
             done.wait(0.05)
         return True
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str = "FINISHED", timeout_s: Optional[float] = None) -> None:
         """End the MLflow run with ``status`` (FINISHED, FAILED or KILLED) and close the file.
 
-        Waits at most ``close_timeout_s`` for queued MLflow calls; safe to call twice.
+        Waits at most ``timeout_s`` (default ``close_timeout_s``) for queued MLflow calls, then
+        abandons them (metrics.jsonl holds everything); safe to call twice.
         """
+        wait_s = self._close_timeout_s if timeout_s is None else timeout_s
         if status not in _STATUSES:
             raise ValueError(f"Tracker.close: status={status!r}, choose one of {list(_STATUSES)}")
         if self._closed:
@@ -625,10 +627,9 @@ class Tracker:
         if self._worker is not None:
             client, run_id = self._worker._client, self.run_id
             self._worker.submit(lambda: client.set_terminated(run_id, status))
-            if not self._worker.close(self._close_timeout_s):
+            if not self._worker.close(wait_s):
                 logger.warning("MLflow still busy after %.0fs; %d queued call(s) abandoned "
-                               "(metrics.jsonl is complete)", self._close_timeout_s,
-                               self._worker.pending())
+                               "(metrics.jsonl is complete)", wait_s, self._worker.pending())
             elif self._worker.dropped:
                 logger.info("%d MLflow call(s) skipped after the failure", self._worker.dropped)
         if self._file is not None:

@@ -34,6 +34,7 @@ from .sample import decode_to_uint8, generate, save_grid
 log = logging.getLogger("mpdit_dist.trainer")
 
 STOP_VOTE_EVERY = 10  # steps between the ranks' agreement on a stop request
+PREEMPTED_TRACKER_WAIT_S = 10.0  # how long a preempted run waits for queued MLflow calls
 _NONE_BAD = 2**62  # "no non-finite step seen" in the ranks' MIN vote
 
 
@@ -626,7 +627,10 @@ class Trainer:
             raise
         finally:
             if self.tracker:
-                self.tracker.close("FINISHED" if status == "finished" else "KILLED")
+                # a preempted job's time until SIGKILL (launch.signal_delay_s) is for the requeue:
+                # a tracking server that stopped answering gets seconds, not the usual minute
+                self.tracker.close("FINISHED" if status == "finished" else "KILLED",
+                                   timeout_s=None if status == "finished" else PREEMPTED_TRACKER_WAIT_S)
             close = getattr(self.loader, "close", None)
             if close is not None:
                 close()

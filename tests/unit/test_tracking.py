@@ -304,3 +304,22 @@ def test_read_metrics_one_record_per_step_last_write_wins(tmp_path, caplog):
     assert [r["loss"] for r in records] == [1.0, 2.5, 3.5, 4.5, 5.5]
     assert records[1]["fid"] == 50.0
     assert len(_warnings(caplog)) == 1 and "1 unreadable line" in _warnings(caplog)[0].getMessage()
+
+
+def test_close_waits_at_most_the_given_time_for_a_busy_store(tmp_path, caplog):
+    """A preempted run passes a short wait: a store call that hangs (here one that sleeps 30 s in
+    the real worker thread) is abandoned after that, with a warning; the file is complete."""
+    import time
+
+    run_dir = tmp_path / "busy"
+    tracker = Tracker(TrackingConfig(experiment="unit"), run_dir, rank=0, results_dir=tmp_path, console=False)
+    assert tracker.mlflow_active
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    assert tracker.flush(timeout=60)
+    tracker._worker.submit(lambda: time.sleep(30))  # a call to a server that stopped answering
+    tracker.log_metrics({"loss": 2.0}, step=2)
+    t0 = time.monotonic()
+    tracker.close("KILLED", timeout_s=0.5)
+    assert time.monotonic() - t0 < 5
+    assert any("still busy after" in r.getMessage() for r in _warnings(caplog)), caplog.records
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
