@@ -488,6 +488,10 @@ def make_executor(cfg: C.Config, run_dir: Path):
 
     executor = submitit.AutoExecutor(folder=submitit_folder(cfg, run_dir), cluster=cfg.launch.cluster)
     executor.update_parameters(**executor_parameters(cfg, run_dir))
+    if cfg.launch.cluster == "local":
+        # AutoExecutor passes the warning delay to SLURM only (it refuses a local_ form): without
+        # this a local job would get submitit's own 30 s whatever launch.signal_delay_s says
+        executor._executor.update_parameters(signal_delay_s=int(cfg.launch.signal_delay_s))
     return executor
 
 

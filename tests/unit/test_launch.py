@@ -413,3 +413,14 @@ def test_local_executor_failure_is_reported_with_log_tail(tmp_path):
     assert "missing.npz" in info.value.log_tail
     assert "----- rank 0 stderr" in info.value.log_tail
     assert (tmp_path / "run" / "logs" / "rank0.err").resolve().exists()
+
+
+def test_local_jobs_get_the_configured_warning_delay(tmp_path):
+    """launch.cluster=local: the warning signal comes launch.signal_delay_s before the time limit,
+    as on SLURM (AutoExecutor passes the delay to SLURM only; submitit's local default is 30 s)."""
+    cfg = cfg_with("launch.cluster=local", "launch.gpus_per_node=0", "launch.tasks_per_node=1",
+                   "launch.time_min=10", "launch.signal_delay_s=150", f"results_dir={tmp_path}")
+    # a lambda travels by value (cloudpickle): the job's process need not import this test module
+    job = launch.make_executor(cfg, tmp_path / "run").submit(
+        lambda: __import__("os").environ["SUBMITIT_LOCAL_SIGNAL_DELAY_S"])
+    assert job.result() == "150"
