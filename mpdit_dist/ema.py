@@ -32,6 +32,9 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.start_step = start_step
+        # FSDP2 registers the unsharded tensors as the parameters while a module is unsharded (the
+        # root after a forward without backward): reshard first, so these are the sharded DTensors
+        _reshard(model)
         self.names = [clean_name(n) for n, _ in model.named_parameters()]
         with torch.no_grad():
             self.shadow = [p.detach().clone() for p in model.parameters()]
@@ -50,6 +53,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
+        _reshard(model)  # the sharded parameters, not an unsharded copy (see __init__)
         params = [local_tensor(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_([local_tensor(s) for s in self.shadow], params, weight)
 
@@ -76,9 +80,11 @@ class EMA:
         Under FSDP2 the copies go into the sharded parameters, so every FSDP module is resharded on
         the way in and out: an unsharded copy left by a forward without backward (the root, or any
         module with ``reshard_after_forward=False``) would otherwise keep the other weights, and the
-        next forward would use them without gathering again."""
-        params = list(model.parameters())
+        next forward would use them without gathering again. The parameters are listed after
+        that reshard: while a module is unsharded FSDP2 registers its unsharded tensors as the
+        parameters, whose storage the reshard frees."""
         _reshard(model)
+        params = list(model.parameters())
         with torch.no_grad():
             backup = [local_tensor(p.detach()).clone() for p in params]
             for p, s in zip(params, self.shadow):

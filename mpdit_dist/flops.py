@@ -28,7 +28,8 @@ PEAK_FLOPS = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM (~790e12 is reached in practice)
-    "H200": 989e12,
+    "H200": 989e12,  # SXM
+    "H200 NVL": 835e12,  # the PCIe card: 1671 TFLOP/s with sparsity, as the H100 NVL
     "GH200": 989e12,  # the Grace Hopper superchip's GPU (matched by substring before: keep it)
     "A100": 312e12,
     "L40S": 362e12,

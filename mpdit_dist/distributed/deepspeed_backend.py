@@ -118,6 +118,16 @@ def deepspeed_config(cfg: C.Config, world_size: int, micro: int, accum: int, bf1
                     f"{cfg.data.global_batch_size} and data.micro_batch_size={cfg.data.micro_batch_size} over "
                     f"{world_size} ranks give {ds[key]}: set the batch in our config, not in the JSON"
                 )
+        user_zero = user.get("zero_optimization")
+        user_stage = user_zero.get("stage") if isinstance(user_zero, dict) else None
+        if user_stage is not None and user_stage != stage:
+            # the config's checks (compile, sharded sampling) and the resume check read
+            # parallel.zero_stage: a different stage from the JSON would pass the first and make
+            # every resume fail ("written with zero_stage=..., this run has ...")
+            raise C.ConfigError(
+                f"parallel.deepspeed_config={path} sets zero_optimization.stage={user_stage}, but "
+                f"parallel.zero_stage={stage}: set the stage with parallel.zero_stage, not in the JSON"
+            )
         ds = _merge(ds, user)
     return ds
 
@@ -461,7 +471,8 @@ def load_consolidated(ckpt_path: str | Path, key: str) -> dict[str, torch.Tensor
             if not files:
                 raise FileNotFoundError(f"no DeepSpeed model states in {tag_dir}")
             with weights_only_loading():
-                sd = torch.load(files[0], map_location="cpu")["module"]
+                states = torch.load(files[0], map_location="cpu")
+            sd = _stage0_fp32_weights(states, files[0])
         return {k: v.float() for k, v in _strip_module(sd).items()}
     if key == "ema":
         import torch.distributed.checkpoint as dcp
@@ -477,6 +488,36 @@ def load_consolidated(ckpt_path: str | Path, key: str) -> dict[str, torch.Tensor
         shapes = _param_shapes(ckpt_path)
         return {name: t.view(shapes[name]) if name in shapes else t for name, t in flat.items()}
     raise ValueError(f"key must be 'model' or 'ema', not {key!r}")
+
+
+def _stage0_fp32_weights(states: dict[str, Any], source: Path) -> dict[str, torch.Tensor]:
+    """The weights of a ZeRO stage 0 model-states file, fp32 master copies where there are some.
+
+    In fp32 the module holds the weights themselves. In bf16 (or fp16) the module holds the
+    low-precision working copies and DeepSpeed's mixed-precision optimizer the fp32 masters
+    (``optimizer["fp32_groups"]``: per parameter group, the group's parameters in order, or one
+    flat tensor), which are the trained weights."""
+    module = states["module"]
+    optimizer = states.get("optimizer")
+    groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if not groups:
+        return module
+    masters: list[torch.Tensor] = []
+    for group in groups:
+        masters.extend(group if isinstance(group, (list, tuple)) else [group])
+    buffers = set(states.get("buffer_names") or ())  # persistent buffers: in the module, not the optimizer
+    names = [n for n in module if n not in buffers]
+    shapes = [tuple(module[n].shape) for n in names]
+    if len(masters) == 1 and len(names) > 1 and masters[0].numel() == sum(math.prod(s) for s in shapes):
+        masters = list(torch.split(masters[0].reshape(-1), [math.prod(s) for s in shapes]))
+    if len(masters) != len(names) or any(m.numel() != math.prod(s) for m, s in zip(masters, shapes)):
+        raise RuntimeError(
+            f"{source}: the fp32 master weights ({len(masters)} tensors) do not line up with the module's "
+            f"{len(names)} parameters; cannot tell which master belongs to which parameter"
+        )
+    weights = dict(module)
+    weights.update({n: m.reshape(s) for n, m, s in zip(names, masters, shapes)})
+    return weights
 
 
 def _param_shapes(ckpt_path: Path) -> dict[str, tuple[int, ...]]:
