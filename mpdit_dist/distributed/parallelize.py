@@ -119,5 +119,7 @@ def parallelize(model: MPDiT, pcfg, dist_info: DistInfo, backend: str, mixed_pre
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
+        # the only buffers are the fixed sin-cos position tables, built alike on every rank: no
+        # broadcast of them before each forward (DDP's default)
+        return DDP(model, device_ids=ids, output_device=ids[0] if ids else None, broadcast_buffers=False)
     return model
