@@ -774,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="AdamW fused (auto: as the trainer, fused on CUDA) or foreach (0)")
     ap.add_argument("--grad-clip", type=float, default=0.0,
                     help="optim.grad_clip of the step (0: the norm is measured, nothing clipped, as the paper "
-                         "recipes and the official script; 1.0 was the default before the sixth session)")
+                         "recipes and the official script; runs 1 and 2 of docs/performance.md clipped at 1.0)")
     ap.add_argument("--reshard-after-forward", type=int, default=1, choices=(0, 1),
                     help="fsdp2 variants: parallel.reshard_after_forward (1, the config default: each block's "
                          "bf16 parameters are cast again for its backward; 0: kept from forward to backward)")

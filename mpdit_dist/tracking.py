@@ -257,7 +257,7 @@ class _MlflowWorker:
 
 
 @contextmanager
-def _bounded_http(timeout_s: float) -> Iterator[None]:
+def bounded_http(timeout_s: float) -> Iterator[None]:
     """Cap MLflow's HTTP retries and timeout for start-up calls (its defaults retry for minutes).
 
     MLflow reads these variables at each request; a value the user has set is left alone.
@@ -274,7 +274,7 @@ def _bounded_http(timeout_s: float) -> Iterator[None]:
             os.environ.pop(n, None)
 
 
-def _probe_http(uri: str, timeout_s: float) -> None:
+def probe_http(uri: str, timeout_s: float) -> None:
     """Raise ConnectionError if nothing answers HTTP at ``uri`` within ``timeout_s`` seconds.
 
     Any HTTP answer counts as reachable (a proxy or an auth layer may answer /health with 404
@@ -395,11 +395,11 @@ class Tracker:
         uri = self.tracking_uri
         assert uri is not None
         if uri.startswith(("http://", "https://")):
-            _probe_http(uri, probe_timeout_s)
+            probe_http(uri, probe_timeout_s)
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        with _bounded_http(probe_timeout_s):
+        with bounded_http(probe_timeout_s):
             client = MlflowClient(tracking_uri=uri)
             run = self._resume_run(client)
             if run is None:

@@ -437,17 +437,17 @@ def log_to_mlflow(study: Study, rows: list[dict[str, Any]]) -> int:
             from mlflow.entities import Metric
             from mlflow.tracking import MlflowClient
 
-            from mpdit_dist.tracking import _bounded_http, _probe_http, default_tracking_uri
+            from mpdit_dist.tracking import bounded_http, default_tracking_uri, probe_http
 
             uri = cfg.tracking.uri or default_tracking_uri(cfg.results_dir)
             if uri.startswith(("http://", "https://")):
-                _probe_http(uri, 5.0)  # a server that does not answer costs seconds, not MLflow's minutes
+                probe_http(uri, 5.0)  # a server that does not answer costs seconds, not MLflow's minutes
             run_id = (d / "mlflow_run_id").read_text().strip()
             now = int(time.time() * 1000)
             metrics = [Metric(f"study_{key}", float(r[key]), now, 0) for key in (
                 "img_per_s", "img_per_s_per_gpu", "step_time_ms", "data_wait_ms", "mfu", "peak_mem_gib", "speedup",
                 "scaling_efficiency") if r.get(key) is not None]
-            with _bounded_http(5.0):
+            with bounded_http(5.0):
                 MlflowClient(uri).log_batch(run_id, metrics=metrics)
             if not set_mlflow_tags(cfg, d, {"study": study.name, "study_point": r["point"],
                                             "study_backend": r["backend"], "study_gpus": str(r["gpus"]),
