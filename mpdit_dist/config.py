@@ -177,6 +177,14 @@ class Config:
     run_name: Optional[str] = None
 
 
+def refuse_below_one(ap, flags) -> None:
+    """A command line's counts: ``ap.error`` (exit 2, naming the flag) for the first of the
+    ``(flag, value)`` pairs whose value is below 1; a value of None is a flag left unset."""
+    for flag, value in flags:
+        if value is not None and value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
+
+
 def add_run_arguments(ap) -> None:
     """The command-line arguments every run entry point shares (train.py, slurm/submit.py)."""
     ap.add_argument("--config", required=True, help="YAML config file")

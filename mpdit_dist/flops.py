@@ -17,6 +17,7 @@ import argparse
 import re
 from dataclasses import dataclass
 
+from .config import refuse_below_one
 from .models import MODEL_CONFIGS, ModelArgs, model_args
 
 # Dense bf16 matrix-product peaks (FLOP/s) from the spec sheets, for MFU. A key matches a device
@@ -208,11 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.model not in MODEL_CONFIGS:
         ap.error(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_CONFIGS)}")
-    for flag, value in (("--resolution", args.resolution), ("--vae-factor", args.vae_factor),
-                        ("--in-channels", args.in_channels), ("--num-classes", args.num_classes),
-                        ("--num-condition-tokens", args.num_condition_tokens)):
-        if value < 1:
-            ap.error(f"{flag} must be at least 1, got {value}")
+    refuse_below_one(ap, (("--resolution", args.resolution), ("--vae-factor", args.vae_factor),
+                          ("--in-channels", args.in_channels), ("--num-classes", args.num_classes),
+                          ("--num-condition-tokens", args.num_condition_tokens)))
     if args.resolution % args.vae_factor:
         ap.error(f"--resolution {args.resolution} is not divisible by --vae-factor {args.vae_factor}")
     try:

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from .config import refuse_below_one
 from .distributed.env import barrier, init_distributed, shutdown
 from .flow import guided_velocity, sample
 from .metrics.numerics import float32_mode
@@ -244,10 +245,8 @@ def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse
         ap.error("give --num-samples or --num-per-class, not both")
     if args.num_samples is None and args.num_per_class is None:
         args.num_per_class = 8
-    for flag, value in (("--num-samples", args.num_samples), ("--num-per-class", args.num_per_class),
-                        ("--batch-size", args.batch_size), ("--steps", args.steps)):
-        if value is not None and value < 1:
-            ap.error(f"{flag} must be at least 1, got {value}")
+    refuse_below_one(ap, (("--num-samples", args.num_samples), ("--num-per-class", args.num_per_class),
+                          ("--batch-size", args.batch_size), ("--steps", args.steps)))
     if args.attention == "flash_attn" and not flash_attn_available():
         ap.error("--attention flash_attn: the flash-attn package is not importable here")
     args.class_list = _parse_classes(ap, args.classes)

@@ -520,29 +520,25 @@ def test_torchrun_variables_come_together(monkeypatch, images, tmp_path, capsys)
         world_from_env()
 
 
+def _slurm_array(monkeypatch, task_id: int, first: int, last: int, step: int, count: int) -> None:
+    """The variables SLURM sets for one task of a job array."""
+    for name, value in (("ID", task_id), ("MIN", first), ("MAX", last), ("STEP", step), ("COUNT", count)):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", str(value))
+
+
 def test_a_slurm_array_must_be_contiguous(monkeypatch):
     for k in ENV_VARS:
         monkeypatch.delenv(k, raising=False)
     # --array=0-9:2: tasks 0, 2, ..., 8 would be ranks 0, 2, ..., 8 of 5; shards of ranks 1 and 3 never written
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "8")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "5")
+    _slurm_array(monkeypatch, task_id=4, first=0, last=8, step=2, count=5)
     with pytest.raises(ValueError, match=r"ids 0..8 in steps of 2 for 5 tasks .*not contiguous.*--array=0-4"):
         world_from_env()
     # --array=1,3,5 (a list: the step variable says 1)
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "5")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "1")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    _slurm_array(monkeypatch, task_id=3, first=1, last=5, step=1, count=3)
     with pytest.raises(ValueError, match=r"ids 1..5 in steps of 1 for 3 tasks .*--array=0-2"):
         world_from_env()
     # --array=5-7: contiguous, from any first id
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MAX", "7")
+    _slurm_array(monkeypatch, task_id=6, first=5, last=7, step=1, count=3)
     assert world_from_env() == (1, 3)
 
 
