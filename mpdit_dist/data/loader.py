@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -208,6 +209,16 @@ class ShardLoader:
 
     def _write_audit(self, step: int, keys: list[str]) -> None:
         if self._audit is None:
+            # this rank's records from here on start at `step`: older records of steps >= step belong to
+            # a history this one replaces (a run killed after its last checkpoint, resumed from it).
+            # Rank 0 also retires them for the ranks this run does not have (resumed on fewer ranks),
+            # which would otherwise stay beside the new records: more keys than the global batch.
+            files = [self._audit_path]
+            if self.rank == 0:
+                files += [p for p in sorted(self._audit_path.parent.glob("rank*.jsonl"))
+                          if p.stem[4:].isdigit() and int(p.stem[4:]) >= self.world_size]
+            for p in files:
+                _truncate_audit(p, step)
             self._audit = open(self._audit_path, "a", buffering=1)
         self._audit.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
@@ -288,8 +299,53 @@ def build_loader(cfg, *, rank: int, world_size: int, seed: int, run_dir: Optiona
     return ShardLoader(cfg, source, rank=rank, world_size=world_size, seed=seed, run_dir=run_dir)
 
 
+def _audit_step(line: bytes) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return None
+
+
+def _truncate_audit(path: Path, step: int) -> None:
+    """Drop the records of steps >= ``step`` (and lines cut short by a crash) from an audit file;
+    a file left with none is removed. The records of a file are in increasing step order (each
+    session appends from its first step after this truncation), so the usual case reads the tail only."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read().split(b"\n")
+    if size == 0:
+        return
+    # a file that ends with a whole line: tail[-1] is empty and tail[-2] that line (whole, as a
+    # newline comes before it in the block)
+    if tail[-1] == b"" and len(tail) > 2:
+        last = _audit_step(tail[-2])
+        if last is not None and last < step:
+            return
+    tmp = path.with_name(f".{path.name}.{mf.temp_tag()}.tmp")
+    kept = 0
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        for line in src:
+            s = _audit_step(line) if line.endswith(b"\n") else None
+            if s is not None and s < step:
+                dst.write(line)
+                kept += 1
+    if kept:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+        path.unlink()
+
+
 def read_audit(run_dir: str) -> dict[int, dict[int, list[str]]]:
-    """``{rank: {step: keys}}`` from ``<run_dir>/audit/rank*.jsonl`` (a later line for a step wins)."""
+    """``{rank: {step: keys}}`` from ``<run_dir>/audit/rank*.jsonl`` (a later line for a step wins).
+
+    A run resumed at step ``s`` first drops the records of steps ``>= s`` of every rank it has, and
+    rank 0 those of the ranks it does not have, so the log is the history of the resumed run."""
     out: dict[int, dict[int, list[str]]] = {}
     for p in sorted((Path(run_dir) / "audit").glob("rank*.jsonl")):
         rank = int(p.stem[4:])

@@ -48,11 +48,12 @@ WebDataset tars
 Integrity
     Every shard file's size is checked at its first open (against the MDS index or the WebDataset
     ``.idx.json``, whose own structure is checked too), every array read is checked against the
-    manifest's ``latent_shape``/``latent_dtype``, and read errors raise :class:`ShardReadError`
-    naming the file and the sample. Content checksums are not checked on open (that reads every
-    byte of the dataset): :func:`manifest.verify_checksums` / ``python -m data_prep.encode --out
-    ROOT --verify`` does it on demand, and remote downloads are always checked. Flipped bytes
-    inside a latent that turn it non-finite are caught by the loader's per-batch finiteness check.
+    manifest's ``latent_shape``/``latent_dtype`` and every label against its ``num_classes``, and
+    read errors raise :class:`ShardReadError` naming the file and the sample. Content checksums
+    are not checked on open (that reads every byte of the dataset): :func:`manifest.verify_checksums`
+    / ``python -m data_prep.encode --out ROOT --verify`` does it on demand, and remote downloads are
+    always checked. Flipped bytes inside a latent that turn it non-finite are caught by the loader's
+    per-batch finiteness check.
 
 Memory
     An ``.npz`` with ``x`` (N, C, H, W), ``y`` (N,), optional ``keys`` and ``num_classes``: for tests.
@@ -234,6 +235,7 @@ class _ShardedSource(Source):
         self.fields = mf.latent_fields(manifest["store"], manifest["flip"])
         self.shape = tuple(manifest["latent_shape"])
         self.dtype = np.dtype(manifest.get("latent_dtype", "float16"))
+        self.num_classes = int(manifest["num_classes"])
         counts = [s["num_samples"] for s in manifest["shards"]]
         self.shard_ids = [s["shard_id"] for s in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -254,6 +256,13 @@ class _ShardedSource(Source):
         if arr.shape != self.shape or arr.dtype != self.dtype:
             raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) field {field!r} is "
                                  f"{arr.dtype}{list(arr.shape)}, the manifest says {self.dtype}{list(self.shape)}")
+
+    def _check_label(self, label: int, index: int, key: str) -> None:
+        # a flipped byte in a shard's label passes every size check; num_classes would silently train
+        # as the guidance null class, a larger value break the model's class embedding on one rank
+        if not 0 <= label < self.num_classes:
+            raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) has label {label}, outside "
+                                 f"[0, {self.num_classes}) (the manifest's num_classes)")
 
     def __getstate__(self):  # open files and caches are per process
         state = self.__dict__.copy()
@@ -403,6 +412,7 @@ class MDSSource(_ShardedSource):
         except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise ShardReadError(f"{self.shard_file(index)}: cannot decode sample {index} (sample {j} of this "
                                  f"shard): {type(exc).__name__}: {exc}") from exc
+        self._check_label(out["label"], index, out["key"])
         for f, arr in arrays.items():
             self._check_array(arr, f, index, out["key"])
             out[f] = arr
@@ -415,7 +425,8 @@ class WDSSource(_ShardedSource):
     At the first open of a shard: the tar's size must equal the index's ``tar_size``, the index's
     samples must match the manifest's count, every member must lie inside the tar, and the members
     must be ``cls`` and one ``.npy`` per field; every array read is checked against the manifest's
-    ``latent_shape`` and ``latent_dtype``. Errors name the file and the sample key.
+    ``latent_shape`` and ``latent_dtype``, every label against its ``num_classes``. Errors name the
+    file and the sample key.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], remote: Optional[str] = None):
@@ -516,6 +527,7 @@ class WDSSource(_ShardedSource):
             except (ValueError, TypeError) as exc:
                 raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) member {name!r}: "
                                      f"{type(exc).__name__}: {exc}") from exc
+        self._check_label(out["label"], index, key)
         for f in self.fields:
             self._check_array(out[f], f, index, key)
         return out
