@@ -4,8 +4,8 @@ Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``:
 - ``.metadata`` + ``*.distcp``: model, EMA and optimizer state through
   ``torch.distributed.checkpoint`` (each rank writes its own shards; resharding on load, so a run
   resumes on another world size);
-- ``trainer.json``: step, epoch, data-loader state, LR schedule, MLflow run id, world size,
-  global batch, resolved config, code version (written by rank 0);
+- ``trainer.json``: step, epoch, data-loader state, LR schedule, the logged loss's window since the
+  last log, MLflow run id, world size, global batch, resolved config, code version (written by rank 0);
 - ``rng/rank{R}.pt``: RNG states of each rank (torch CPU and CUDA, numpy, python);
 - ``COMPLETE.json``: size and CRC32 of every file above, written last.
 

@@ -141,6 +141,10 @@ class Trainer:
         self.tracker = None
         self.engine = None  # DeepSpeed engine, when that backend is used
         self._feature_net = None  # the evaluation's Inception network (rank 0), loaded once
+        # the logged loss's window: this rank's summed step losses since the last log, and their
+        # count; saved with a checkpoint, so a resume between two log steps logs the same mean
+        self._window_loss = torch.zeros((), device=self.device)
+        self._window_n = 0
         self.ckpt = CheckpointManager(self.run_dir, rank=self.dist.rank, keep_last=cfg.checkpoint.keep_last,
                                       keep_every=cfg.checkpoint.keep_every)
 
@@ -163,6 +167,8 @@ class Trainer:
         self.manifest = self.loader.manifest
         self.model_args = C.model_args_from(cfg.model)
         self._check_data_fits_model()
+        if d.is_main:
+            self._report_dataset()
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and run
         from .models import MPDiT
@@ -266,6 +272,25 @@ class Trainer:
                 f"data at {self.cfg.data.path} has {n} classes but model.num_classes={a.num_classes}"
             )
 
+    def dataset_facts(self) -> dict[str, Any]:
+        """What the training data is, for the log and the MLflow params (``dataset.*``): its id, size,
+        and what the encode left out (images that failed, files skipped), which only its manifest
+        records (absent keys: a memory dataset or an older manifest)."""
+        m = self.manifest
+        facts = {"id": getattr(self.loader, "dataset_id", None), "num_samples": m.get("num_samples")}
+        for key in ("num_failed", "num_skipped_files", "encoder"):
+            if m.get(key) is not None:
+                facts[key] = m[key]
+        return {k: v for k, v in facts.items() if v is not None}
+
+    def _report_dataset(self) -> None:
+        f = self.dataset_facts()
+        left_out = f.get("num_failed", 0) + f.get("num_skipped_files", 0)
+        log.log(logging.WARNING if left_out else logging.INFO,
+                "data %s (%s): %s samples; at encode time %s image(s) failed and %s file(s) were skipped "
+                "(listed in its manifest.json)", self.cfg.data.path, f.get("id", "-"), f.get("num_samples", "?"),
+                f.get("num_failed", "?"), f.get("num_skipped_files", "?"))
+
     # -------------------------------------------------------------------------------------------
     def _tensor_state(self) -> dict[str, Any]:
         """Model, EMA and optimizer state under clean parameter names (DCP-friendly)."""
@@ -289,9 +314,10 @@ class Trainer:
                        optim_state_dict=state["optim"])
         self.ema.load_state_dict(state["ema"])
 
-    def trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self, log_window: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         return {
             "step": self.step,
+            "log_window": log_window,
             "epoch": getattr(self.loader, "epoch", None),
             "data": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -313,8 +339,36 @@ class Trainer:
 
         return (lambda d: save_engine(self, d)), (lambda d: load_engine(self, d))
 
+    def _log_window_state(self) -> dict[str, Any]:
+        """Collective: the logged loss's window since the last log, {"steps": n, "loss": [each rank's
+        sum, in rank order]}. Every rank has taken the same steps, so all skip the gather alike when
+        the window is empty (a save at a log step)."""
+        if self._window_n == 0:
+            return {"steps": 0, "loss": []}
+        local = self._window_loss.detach().float().reshape(1)
+        parts = [local]
+        if self.dist.distributed:
+            parts = [torch.empty_like(local) for _ in range(self.dist.world_size)]
+            dist.all_gather(parts, local)
+        return {"steps": self._window_n, "loss": [float(p) for p in parts]}
+
+    def _restore_log_window(self, window: Optional[dict[str, Any]]) -> None:
+        """The window of :meth:`_log_window_state` back on this run's ranks: each rank its own sum on
+        the same world size (bit for bit); on another, rank 0 holds the old ranks' mean times this
+        world size (the logged mean is the sum over ranks / world / steps), the others nothing."""
+        sums, n = (window or {}).get("loss") or [], int((window or {}).get("steps") or 0)
+        if not sums or n == 0:
+            return
+        world, rank = self.dist.world_size, self.dist.rank
+        if len(sums) == world:
+            mine = sums[rank]
+        else:
+            mine = sum(sums) / len(sums) * world if rank == 0 else 0.0
+        self._window_loss = torch.tensor(mine, dtype=torch.float32, device=self.device)
+        self._window_n = n
+
     def save_checkpoint(self) -> Path:
-        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state(),
+        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state(self._log_window_state()),
                               extra_writer=self._engine_io()[0],
                               async_save=self.cfg.checkpoint.async_save and self.engine is None)
         if self.dist.is_main:
@@ -349,6 +403,7 @@ class Trainer:
             self.scheduler.load_state_dict(tstate["scheduler"])
         self._apply_optim_config()
         self.loader.load_state_dict(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
+        self._restore_log_window(tstate.get("log_window"))
         if self.ckpt.holds(path):
             self.ckpt.supersede_after(self.step)
         if self.dist.is_main:
@@ -507,6 +562,7 @@ class Trainer:
         from .tracking import Tracker
 
         params = C.flatten(C.to_dict(self.cfg))
+        params.update({f"dataset.{k}": v for k, v in self.dataset_facts().items()})
         tags = {
             "model": self.cfg.model.name,
             "world_size": str(self.dist.world_size),
@@ -647,11 +703,12 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, dynamic_ncols=True, desc="train")
         it = iter(self.loader)
-        window_loss = torch.zeros((), device=self.device)
         # the first step whose loss or gradient norm was not finite (-1: none), kept on the device:
         # read only where the loop synchronises anyway (logging, before sampling and checkpoints)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        # window_other: time in sampling, evaluation and checkpointing, which img/s leaves out
+        # window_other: time in sampling, evaluation and checkpointing, which img/s leaves out.
+        # window_steps counts this process's steps (for the rates); the loss's window
+        # (self._window_loss, self._window_n) may begin before a resume
         window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -665,7 +722,8 @@ class Trainer:
                 grad_norm = grad_norm.full_tensor()
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
             first_bad.masked_fill_(~finite & (first_bad < 0), self.step)
-            window_loss += loss
+            self._window_loss += loss
+            self._window_n += 1
             window_steps += 1
             step = self.step
             # A stop request during the last step changes nothing: the run finishes (its final
@@ -692,7 +750,7 @@ class Trainer:
                 self._stop_if_diverged(first_bad, weights=ckpt_due)
             if log_due:
                 elapsed = max(time.perf_counter() - t_window - window_other, 1e-9)
-                loss_v = self._reduce_loss(window_loss / window_steps)
+                loss_v = self._reduce_loss(self._window_loss / self._window_n)
                 img_s = window_steps * cfg.data.global_batch_size / elapsed
                 metrics = {
                     "loss": loss_v,
@@ -711,7 +769,8 @@ class Trainer:
                 self.tracker.log_metrics(metrics, step=step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{img_s:.0f}")
-                window_loss.zero_()
+                self._window_loss.zero_()
+                self._window_n = 0
                 window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
