@@ -36,6 +36,7 @@ log = logging.getLogger("mpdit_dist.trainer")
 STOP_VOTE_EVERY = 10  # steps between the ranks' agreement on a stop request
 PREEMPTED_TRACKER_WAIT_S = 10.0  # how long a preempted run waits for queued MLflow calls
 _NONE_BAD = 2**62  # "no non-finite step seen" in the ranks' MIN vote
+FINAL_OUTPUTS = "final_outputs.json"  # <run_dir>/: the end-of-run sample grid and evaluation, once made
 
 
 class TrainingDiverged(RuntimeError):
@@ -605,6 +606,48 @@ class Trainer:
             loss /= self.dist.world_size
         return float(loss)
 
+    def final_outputs(self) -> list[str]:
+        """What a run makes at its last step, after the final checkpoint: the sample grid (whenever
+        ``train.sample_every`` > 0) and the evaluation (when ``train.steps`` is a multiple of
+        ``train.eval_every``, as during training)."""
+        t = self.cfg.train
+        return (["samples"] if t.sample_every > 0 else []) + \
+            (["eval"] if t.eval_every > 0 and t.steps % t.eval_every == 0 else [])
+
+    def _record_final_outputs(self) -> None:
+        if self.dist.is_main:
+            from .data.manifest import write_json_atomic
+
+            write_json_atomic(self.run_dir / FINAL_OUTPUTS, {"step": self.step, "outputs": self.final_outputs()})
+
+    def _make_missing_final_outputs(self) -> None:
+        """Collective. A run started again at its last step (stopped after the final checkpoint but
+        before its final sample grid or evaluation was made: a crash or an out-of-memory error in the
+        evaluation, a kill) makes what ``final_outputs.json`` does not list yet. A run finished before
+        that file existed makes them again."""
+        record = None
+        if self.dist.is_main:
+            path = self.run_dir / FINAL_OUTPUTS
+            try:
+                record = json.loads(path.read_text())
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as exc:
+                log.warning("%s is unreadable (%s): making the end-of-run outputs again", path, exc)
+        record = broadcast_object(record)
+        done = set(record.get("outputs", [])) if isinstance(record, dict) and record.get("step") == self.step else set()
+        todo = [o for o in self.final_outputs() if o not in done]
+        if not todo:
+            return
+        if self.dist.is_main:
+            log.info("run at its last step %d without its end-of-run %s: making them now", self.step,
+                     " and ".join(todo))
+        if "samples" in todo:
+            self.sample_grid()
+        if "eval" in todo:
+            self.evaluate()
+        self._record_final_outputs()
+
     def sample_grid(self) -> Optional[Path]:
 
         classes = [c % self.model_args.num_classes for c in self.cfg.train.sample_classes]
@@ -696,6 +739,8 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         total = cfg.train.steps
         if self.step >= total:
+            if self.step == total:
+                self._make_missing_final_outputs()
             return "finished"
         bar = None
         if d.is_main and cfg.train.progress_bar:
@@ -781,6 +826,7 @@ class Trainer:
                 t_other = time.perf_counter()
                 if ckpt_due:
                     self.save_checkpoint()
+                    fault_point("after_save", step)
                 if sample_due:
                     self.sample_grid()
                 if eval_due:
@@ -796,6 +842,7 @@ class Trainer:
             bar.close()
         if cfg.train.sample_every > 0 and total % cfg.train.sample_every != 0:
             self.sample_grid()
+        self._record_final_outputs()
         return "finished"
 
 
