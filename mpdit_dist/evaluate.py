@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mpdit_dist.inception import MIN_INPUT_SIZE, FeatureNetError, InceptionFeatures, load_feature_net
+from mpdit_dist.inception import MIN_INPUT_SIZE, POOL_DIM, FeatureNetError, InceptionFeatures, load_feature_net
 from mpdit_dist.metrics import (
     frechet_distance,
     frechet_distance_low_rank,
@@ -384,6 +384,23 @@ def _compute_reference(
         raise EvaluationError(f"{reference}: has {stat_keys} but lacks {missing}; need all four or none")
     if "arr_0" not in keys and not stat_keys:
         raise EvaluationError(f"{reference}: neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
+    if stat_keys:  # checked before the reference images cost any feature extraction
+        try:
+            with np.load(reference, allow_pickle=False) as data:
+                mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
+        except (ValueError, TypeError) as err:  # object arrays, strings, ...
+            raise EvaluationError(f"{reference}: mu, sigma, mu_s, sigma_s must be numeric arrays ({err})") from err
+        for mu_key, sigma_key, mean, cov in (("mu", "sigma", mu, sigma), ("mu_s", "sigma_s", mu_s, sigma_s)):
+            if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
+                raise EvaluationError(
+                    f"{reference}: '{mu_key}' {mean.shape} and '{sigma_key}' {cov.shape} are not a mean (D,) "
+                    "and its covariance (D, D)"
+                )
+            if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+                raise EvaluationError(f"{reference}: '{mu_key}' or '{sigma_key}' holds non-finite values")
+        if feature_net.input_size is not None:  # then the feature sizes are known without an image
+            check_reference_fits(ReferenceStats(mu, sigma, mu_s, sigma_s), POOL_DIM, feature_net.spatial_dim(),
+                                 str(reference))
     features = None
     if "arr_0" in keys:
         images = open_npz_images(reference)
@@ -393,8 +410,6 @@ def _compute_reference(
             total=math.ceil(images.num_images / batch_size), desc="reference", progress=progress,
         )
     if stat_keys:
-        with np.load(reference, allow_pickle=False) as data:
-            mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
         source = "npz"
     else:
         if len(features) < 2:
@@ -423,6 +438,22 @@ def check_settings(batch_size: int = 100, k: int = 3, is_split_size: int = 5000)
         raise EvaluationError(f"k (precision/recall neighbourhood) must be at least 1, got {k}")
     if is_split_size < 1:
         raise EvaluationError(f"is_split_size (Inception Score split) must be at least 1, got {is_split_size}")
+
+
+def check_reference_fits(reference: ReferenceStats, pool_dim: int, spatial_dim: int, source: str = "reference") -> None:
+    """Raise :class:`EvaluationError` naming ``source`` unless the reference's FID and sFID statistics
+    fit sample features of ``pool_dim`` and ``spatial_dim`` values (called before the samples'
+    features are extracted, and again on the features)."""
+    for mu_key, sigma_key, what, dim in (
+        ("mu", "sigma", "pool_3", pool_dim),
+        ("mu_s", "sigma_s", "spatial", spatial_dim),
+    ):
+        mu, sigma = np.shape(getattr(reference, mu_key)), np.shape(getattr(reference, sigma_key))
+        if mu != (dim,) or sigma != (dim, dim):
+            raise EvaluationError(
+                f"{source}: reference '{mu_key}' {mu} / '{sigma_key}' {sigma} do not fit the samples' {dim}-dim "
+                f"{what} features: was the reference made with another feature network or input size?"
+            )
 
 
 def label_order_warning(labels: np.ndarray, split_size: int = 5000) -> Optional[str]:
@@ -491,15 +522,7 @@ def metrics_from_features(
     n = len(samples)
     if n < 2:
         raise EvaluationError(f"need at least 2 samples for a covariance, got {n}")
-    for name, mine, theirs in (
-        ("mu (pool_3)", samples.pool.shape[1], reference.mu.shape[-1]),
-        ("mu_s (spatial)", samples.spatial.shape[1], reference.mu_s.shape[-1]),
-    ):
-        if mine != theirs:
-            raise EvaluationError(
-                f"reference {name} has {theirs} dims but the samples' features have {mine}: "
-                "was the reference made with another feature network or input size?"
-            )
+    check_reference_fits(reference, samples.pool.shape[1], samples.spatial.shape[1])
     fid, fid_route = _frechet(samples.pool, reference.mu, reference.sigma, device)
     sfid, sfid_route = _frechet(samples.spatial, reference.mu_s, reference.sigma_s, device)
     result: dict[str, Any] = {
@@ -583,6 +606,10 @@ def compute_metrics(
         )
     device = _resolve_device(device, feature_net)
     ref = _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
+    check_reference_fits(  # before the samples' features: a bad reference costs no feature extraction
+        ref, POOL_DIM, feature_net.spatial_dim(samples_uint8.shape[1:3]),
+        "reference statistics" if isinstance(reference, (Mapping, ReferenceStats)) else str(reference),
+    )
     features = extract_features(
         _array_batches(samples_uint8, batch_size), feature_net, device,
         total=math.ceil(len(samples_uint8) / batch_size), desc="samples", progress=progress,
@@ -629,6 +656,7 @@ def evaluate_npz(
         warnings.append(order_warning)
     device = _resolve_device(device, feature_net)
     ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
+    check_reference_fits(ref, POOL_DIM, feature_net.spatial_dim(images.shape[1:3]), str(reference))
     features = extract_features(
         images.iter_batches(batch_size), feature_net, device,
         total=math.ceil(images.num_images / batch_size), desc="samples", progress=progress,

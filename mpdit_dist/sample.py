@@ -247,6 +247,8 @@ def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse
         args.num_per_class = 8
     refuse_below_one(ap, (("--num-samples", args.num_samples), ("--num-per-class", args.num_per_class),
                           ("--batch-size", args.batch_size), ("--steps", args.steps)))
+    if args.seed < 0:  # numpy's label generator takes none (it failed after the model was loaded)
+        ap.error(f"--seed must be at least 0, got {args.seed}")
     if args.attention == "flash_attn" and not flash_attn_available():
         ap.error("--attention flash_attn: the flash-attn package is not importable here")
     args.class_list = _parse_classes(ap, args.classes)
@@ -300,6 +302,8 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
     # still match their settings and resume
     if args.num_per_class is not None:
         settings["num_per_class"] = args.num_per_class  # its label order is shuffled (was class order)
+    if args.class_list is not None:
+        settings["classes"] = args.class_list  # parts of other classes are discarded, not merged and refused
     if args.tf32:
         settings["tf32"] = True
     if args.attention is not None:
