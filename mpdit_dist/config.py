@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for configs)
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING re-exported for configs)
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -205,7 +205,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):  # a YAML list: OmegaConf's merge says only "TypeError"
+                raise ConfigError(f"config file {path}: must hold a mapping of sections (model:, data:, "
+                                  f"train:, ...), not a {type(loaded).__name__}")
+            schema = OmegaConf.merge(schema, loaded)
     except OmegaConfBaseException as exc:
         raise _wrap(exc, f"config file {path}") from None
     try:
@@ -259,9 +263,16 @@ def validate(cfg: Config) -> None:
         "parallel.hsdp_replicas": (cfg.parallel.hsdp_replicas, 1),
         "parallel.ac_every": (cfg.parallel.ac_every, 1),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
+        # numpy's generators (the evaluation's class plan) take no negative seed: it failed at the first evaluation
+        "train.seed": (cfg.train.seed, 0),
     }
     if cfg.data.micro_batch_size is not None:
         at_least["data.micro_batch_size"] = (cfg.data.micro_batch_size, 1)
+    # the model's sizes (None keeps the named config's): zero or negative ones passed, to fail when
+    # the model was built (a bare ZeroDivisionError, even from load_config for num_heads=0)
+    for key in ("hidden_size", "num_heads", "input_size", "in_channels", "num_classes"):
+        if getattr(cfg.model, key) is not None:
+            at_least[f"model.{key}"] = (getattr(cfg.model, key), 1)
     if cfg.train.eval_every > 0:
         at_least["train.eval_num_samples"] = (cfg.train.eval_num_samples, 1)
     for key, (value, low) in at_least.items():
@@ -270,6 +281,10 @@ def validate(cfg: Config) -> None:
     for key, value in _floats(cfg):
         if not math.isfinite(value):  # nan passes every comparison below, and would surface as a divergence
             raise ConfigError(f"{key}={value} must be a finite number")
+    if cfg.model.mlp_ratio is not None and cfg.model.mlp_ratio <= 0:
+        raise ConfigError(f"model.mlp_ratio={cfg.model.mlp_ratio} must be > 0")
+    if cfg.model.stages is not None and not all(len(s) == 2 for s in cfg.model.stages):
+        raise ConfigError(f"model.stages={cfg.model.stages}: each stage is a [patch_size, depth] pair")
     if cfg.flow.p_std <= 0:
         raise ConfigError(f"flow.p_std={cfg.flow.p_std} must be > 0")
     for key, value in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay)):
@@ -297,6 +312,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.compile=true with parallel.backend=deepspeed and parallel.zero_stage=3: "
                           "ZeRO-3's parameter hooks cannot be compiled through; use zero_stage<=2, or "
                           "parallel.backend=fsdp2 for sharded parameters with compile")
+    # FSDP2's options, which the other backends would ignore (a run planned to fit by offloading or
+    # by HSDP's smaller shard groups would then run out of memory, or silently train otherwise).
+    # DeepSpeed's own ZeRO-Offload wants its CPU Adam (a C++ build) and is not supported here
+    if cfg.parallel.backend != "fsdp2":
+        for key, value, default in (("cpu_offload", cfg.parallel.cpu_offload, False),
+                                    ("hsdp_replicas", cfg.parallel.hsdp_replicas, 1)):
+            if value != default:
+                raise ConfigError(f"parallel.{key}={value!r} is an FSDP2 option, but parallel.backend="
+                                  f"{cfg.parallel.backend}: set parallel.backend=fsdp2 (or parallel.{key}={default!r})")
     if cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.data.global_batch_size < 1:

@@ -73,13 +73,6 @@ def deepspeed_config(cfg: C.Config, world_size: int, micro: int, accum: int, bf1
     stage = int(cfg.parallel.zero_stage)
     if stage not in (0, 1, 2, 3):
         raise C.ConfigError(f"parallel.zero_stage={stage}: DeepSpeed ZeRO stages are 0, 1, 2 and 3")
-    if cfg.parallel.cpu_offload:
-        # ZeRO-Offload wants DeepSpeed's CPU Adam (a C++ build), and the sharded EMA keeps its
-        # pieces beside device-resident partitions: neither is built or tested here
-        raise C.ConfigError(
-            "parallel.cpu_offload=true is an FSDP2 option; with parallel.backend=deepspeed, offloading is not "
-            "supported by this trainer (set parallel.cpu_offload=false)"
-        )
     zero: dict[str, Any] = {"stage": stage}
     ds: dict[str, Any] = {
         "train_batch_size": micro * accum * world_size,

@@ -112,11 +112,7 @@ def slurm_step_environ(environ: Mapping[str, str]) -> dict[str, str]:
     task = None if "RANK" in environ else slurm_step_task(environ)
     if task is None:
         return {}
-    values = {"RANK": str(task[0]), "WORLD_SIZE": str(task[1]), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
-    spec = (environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
-            or environ.get("SLURM_NTASKS_PER_NODE"))
-    if spec:
-        values["LOCAL_WORLD_SIZE"] = str(tasks_on_node(spec, int(environ.get("SLURM_NODEID", "0") or 0)))
+    values = {"RANK": str(task[0]), "WORLD_SIZE": str(task[1]), **_slurm_local(environ)}
     if "MASTER_ADDR" not in environ:
         nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
                     or environ.get("SLURM_NODELIST", ""))
@@ -128,10 +124,33 @@ def slurm_step_environ(environ: Mapping[str, str]) -> dict[str, str]:
     return values
 
 
+def _slurm_local(environ: Mapping[str, str]) -> dict[str, str]:
+    """LOCAL_RANK and (where SLURM lists the tasks per node) LOCAL_WORLD_SIZE of an ``srun`` task."""
+    values = {"LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    node = int(environ.get("SLURM_NODEID", "0") or 0)
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if spec:
+        values["LOCAL_WORLD_SIZE"] = str(tasks_on_node(spec, node))
+    elif environ.get("SLURM_NTASKS_PER_NODE"):  # --ntasks-per-node: one count for every node, no list
+        values["LOCAL_WORLD_SIZE"] = str(int(environ["SLURM_NTASKS_PER_NODE"]))
+    return values
+
+
+def slurm_local_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """For a task of an ``srun`` step whose launch set RANK but not LOCAL_RANK / LOCAL_WORLD_SIZE
+    (a script that exports only ``RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS``): the missing ones,
+    from SLURM's; ``{}`` otherwise (torchrun sets all of them). Without them every task of a node
+    would take local rank 0, so all would choose the node's first GPU."""
+    if "RANK" not in environ or slurm_step_task(environ) is None:
+        return {}
+    return {k: v for k, v in _slurm_local(environ).items() if k not in environ}
+
+
 def env_from_slurm() -> None:
     """Fill torchrun-style variables from SLURM's, when running as srun tasks without torchrun
-    (see :func:`slurm_step_environ`)."""
-    values = slurm_step_environ(os.environ)
+    (see :func:`slurm_step_environ`), or the local ones a partial launch left out
+    (:func:`slurm_local_environ`)."""
+    values = slurm_step_environ(os.environ) or slurm_local_environ(os.environ)
     os.environ.update(values)
     if not values and "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         log.warning("SLURM job %s has %s tasks, but this process was not started by srun (no SLURM_STEP_ID): "
@@ -151,6 +170,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800, need_group: bo
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if not 0 <= rank < world:
+        # e.g. RANK without WORLD_SIZE: a lone process "rank 3 of 1" would take a slice past the batch
+        raise RuntimeError(f"inconsistent launch environment: RANK={os.environ.get('RANK')} with "
+                           f"WORLD_SIZE={os.environ.get('WORLD_SIZE', '(unset: 1)')}; need 0 <= RANK < WORLD_SIZE")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is available")

@@ -78,7 +78,9 @@ def apply_fsdp2(model: MPDiT, dist_info: DistInfo, pcfg, mixed_precision: bool) 
             param_dtype=_DTYPES[pcfg.param_dtype], reduce_dtype=_DTYPES[pcfg.reduce_dtype]
         )
     if pcfg.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory is a CUDA allocation: a CPU run (its weights are in host memory
+        # already) offloads without it, so the same code path runs in the CPU tests
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dist_info.device.type == "cuda")
     for stage in model.stages:
         for block in stage.blocks:
             fully_shard(block, **kwargs)
