@@ -9,6 +9,7 @@ import pytest
 from mpdit_dist import config as C
 from mpdit_dist.distributed import parallelize
 from mpdit_dist.distributed.env import first_host, slurm_step_environ, tasks_on_node
+from tests.helpers.launch_env import srun_task
 
 # ----- config -----
 
@@ -39,11 +40,50 @@ from mpdit_dist.distributed.env import first_host, slurm_step_environ, tasks_on_
     ("optim.lr=-1", "optim.lr=-1.0 must be >= 0"),
     ("optim.eps=0", "optim.eps=0.0 must be > 0"),
     ("train.sample_classes=[]", "train.sample_classes=[] with train.sample_every=10000"),
+    # num_heads=0 escaped load_config itself as a bare ZeroDivisionError; the others failed only when
+    # the model was built (ZeroDivisionError, "negative dimension", a conv kernel larger than the input)
+    ("model.num_heads=0", "model.num_heads=0 must be >= 1"),
+    ("model.hidden_size=0", "model.hidden_size=0 must be >= 1"),
+    ("model.hidden_size=-4", "model.hidden_size=-4 must be >= 1"),
+    ("model.input_size=0", "model.input_size=0 must be >= 1"),
+    ("model.in_channels=0", "model.in_channels=0 must be >= 1"),
+    ("model.num_classes=0", "model.num_classes=0 must be >= 1"),
+    # mlp_ratio=0 built blocks whose MLP has no hidden unit: a model without its MLPs, silently
+    ("model.mlp_ratio=0", "model.mlp_ratio=0.0 must be > 0"),
+    ("model.mlp_ratio=-1", "model.mlp_ratio=-1.0 must be > 0"),
+    # was "not enough values to unpack (expected 2, got 1)"
+    ("model.stages=[[4,2],[2]]", "model.stages=[[4, 2], [2]]: each stage is a [patch_size, depth] pair"),
+    ("model.stages=[[4,2,1]]", "model.stages=[[4, 2, 1]]: each stage"),
+    # trained, then failed at the first in-training evaluation (numpy: "expected non-negative integer")
+    ("train.seed=-1", "train.seed=-1 must be >= 0"),
 ])
 def test_bad_values_are_refused_naming_key_and_value(override, words):
     with pytest.raises(C.ConfigError) as info:
         C.load_config(None, [override])
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["auto", "none", "ddp", "deepspeed"])
+@pytest.mark.parametrize("override", ["parallel.cpu_offload=true", "parallel.hsdp_replicas=2"])
+def test_fsdp2_options_need_fsdp2(backend, override):
+    """DDP and one process ignored them: a run planned to fit by offloading or by HSDP ran without."""
+    key, value = override.split("=")
+    with pytest.raises(C.ConfigError) as info:
+        C.load_config(None, [override, f"parallel.backend={backend}"])
+    assert f"{key}=" in str(info.value) and f"parallel.backend={backend}" in str(info.value)
+    C.load_config(None, [override, "parallel.backend=fsdp2"])
+
+
+def test_config_file_that_is_no_mapping_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("- model\n- data\n")  # was a bare TypeError: "Cannot merge incompatible container types"
+    with pytest.raises(C.ConfigError, match=f"config file {path}: must hold a mapping"):
+        C.load_config(path)
+
+
+def test_good_model_overrides_pass():
+    C.load_config(None, ["model.name=custom", "model.stages=[[4,2],[2,1]]", "model.hidden_size=32",
+                         "model.num_heads=2", "model.mlp_ratio=0.5", "model.num_classes=1"])
 
 
 @pytest.mark.parametrize("override", ["train.log_every=1", "parallel.param_dtype=fp16", "parallel.reduce_dtype=bf16",
@@ -106,24 +146,14 @@ def test_tasks_on_node_refuses_what_it_cannot_read(spec, node):
         tasks_on_node(spec, node)
 
 
-def _srun_task(**extra: str) -> dict[str, str]:
-    """What ``srun`` gives task 9 of 16 (2 nodes x 8) of job 77; MASTER_ADDR given so that no
-    ``scontrol`` is asked."""
-    env = dict(SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_PROCID="9", SLURM_LOCALID="1", SLURM_NODEID="1",
-               SLURM_NTASKS="16", SLURM_STEP_NUM_TASKS="16", SLURM_STEP_TASKS_PER_NODE="8(x2)",
-               SLURM_TASKS_PER_NODE="8(x2)", SLURM_JOB_NODELIST="gpu[03-04]", MASTER_ADDR="gpu03")
-    env.update(extra)
-    return env
-
-
 def test_srun_task_environment():
-    assert slurm_step_environ(_srun_task()) == dict(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8",
+    assert slurm_step_environ(srun_task()) == dict(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8",
                                                     MASTER_PORT="20077")
 
 
 def test_local_world_size_from_slurm_tasks_per_node():
     """Without --ntasks-per-node SLURM sets only the compressed list, e.g. "4,2" for 6 tasks."""
-    env = _srun_task(SLURM_PROCID="5", SLURM_NODEID="1", SLURM_NTASKS="6", SLURM_STEP_NUM_TASKS="6")
+    env = srun_task(SLURM_PROCID="5", SLURM_NODEID="1", SLURM_NTASKS="6", SLURM_STEP_NUM_TASKS="6")
     del env["SLURM_STEP_TASKS_PER_NODE"]
     env["SLURM_TASKS_PER_NODE"] = "4,2"
     values = slurm_step_environ(env)
@@ -132,19 +162,19 @@ def test_local_world_size_from_slurm_tasks_per_node():
 
 def test_step_counts_win_over_the_job_counts():
     """``srun -n 2`` inside an allocation of 16 tasks: a world of 2."""
-    env = _srun_task(SLURM_PROCID="1", SLURM_NODEID="0", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2")
+    env = srun_task(SLURM_PROCID="1", SLURM_NODEID="0", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2")
     values = slurm_step_environ(env)
     assert (values["RANK"], values["WORLD_SIZE"], values["LOCAL_WORLD_SIZE"]) == ("1", "2", "2")
 
 
 def test_master_addr_from_the_node_list():
-    env = _srun_task(SLURM_STEP_NODELIST="node[1,3],gpu7")
+    env = srun_task(SLURM_STEP_NODELIST="node[1,3],gpu7")
     del env["MASTER_ADDR"]
     # scontrol, where it runs, says the same as the parser (here it has no configuration)
     assert slurm_step_environ(env)["MASTER_ADDR"] == "node1"
 
 
-def test_sbatch_script_itself_is_no_srun_task():
+def test_sbatch_script_itself_is_nosrun_task():
     """``python train.py`` run by the batch script of ``sbatch --ntasks-per-node=8``: SLURM_PROCID=0
     and SLURM_NTASKS=8 are set, but no SLURM_STEP_ID: a single process, not rank 0 of 8."""
     batch = dict(SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="8",
@@ -154,7 +184,7 @@ def test_sbatch_script_itself_is_no_srun_task():
 
 
 def test_torchrun_variables_win():
-    assert slurm_step_environ(_srun_task(RANK="3")) == {}
+    assert slurm_step_environ(srun_task(RANK="3")) == {}
     assert slurm_step_environ({"SLURM_STEP_ID": "0"}) == {}  # no SLURM_PROCID: nothing to derive
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from mpdit_dist.distributed.env import free_port, slurm_local_environ, slurm_step_environ
+from tests.helpers.launch_env import srun_task
 from tests.helpers.runs import REPO
 
 PROBE = ("import json; from mpdit_dist.distributed.env import init_distributed, shutdown; "
@@ -24,30 +25,21 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return keep
 
 
-def _srun_task(**extra: str) -> dict[str, str]:
-    """Task 9 of 16 (2 nodes x 8) of job 77, as ``srun`` sets it."""
-    env = dict(SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_PROCID="9", SLURM_LOCALID="1", SLURM_NODEID="1",
-               SLURM_NTASKS="16", SLURM_STEP_NUM_TASKS="16", SLURM_STEP_TASKS_PER_NODE="8(x2)",
-               SLURM_TASKS_PER_NODE="8(x2)", SLURM_JOB_NODELIST="gpu[03-04]", MASTER_ADDR="gpu03")
-    env.update(extra)
-    return env
-
-
 def test_partial_launch_takes_the_local_rank_from_slurm():
     """A script exporting only RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS for each srun task: the local
     rank (the GPU) is SLURM's, not 0 for every task of the node."""
-    assert slurm_local_environ(_srun_task(RANK="9", WORLD_SIZE="16")) == {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}
+    assert slurm_local_environ(srun_task(RANK="9", WORLD_SIZE="16")) == {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}
     # what is set stays; torchrun sets them all; no srun task: nothing to derive
-    assert slurm_local_environ(_srun_task(RANK="9", WORLD_SIZE="16", LOCAL_RANK="5")) == {"LOCAL_WORLD_SIZE": "8"}
-    assert slurm_local_environ(_srun_task(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8")) == {}
+    assert slurm_local_environ(srun_task(RANK="9", WORLD_SIZE="16", LOCAL_RANK="5")) == {"LOCAL_WORLD_SIZE": "8"}
+    assert slurm_local_environ(srun_task(RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="8")) == {}
     assert slurm_local_environ({"RANK": "1", "WORLD_SIZE": "2"}) == {}
-    assert slurm_local_environ(_srun_task()) == {}  # no RANK: slurm_step_environ derives everything
+    assert slurm_local_environ(srun_task()) == {}  # no RANK: slurm_step_environ derives everything
 
 
 def test_ntasks_per_node_is_one_count_for_every_node():
     """SLURM_NTASKS_PER_NODE (``--ntasks-per-node=8``) is a single number, not a per-node list: node 1
     has 8 tasks too (it was read as a list of one entry: "has no entry for node 1", a crash)."""
-    env = _srun_task()
+    env = srun_task()
     del env["SLURM_STEP_TASKS_PER_NODE"], env["SLURM_TASKS_PER_NODE"]
     env["SLURM_NTASKS_PER_NODE"] = "8"
     assert slurm_step_environ(env)["LOCAL_WORLD_SIZE"] == "8"
