@@ -465,6 +465,8 @@ class WDSSource(_ShardedSource):
             missing = want - set(idx["members"])
             if missing:
                 raise ValueError(f"members {idx['members']} lack {sorted(missing)}")
+            if idx["tar"] != mf.wds_name(sid):  # another shard's tar, or a path out of the dataset
+                raise ValueError(f"it names the tar {idx['tar']!r}, not {mf.wds_name(sid)!r}")
             tar_size = int(idx["tar_size"])
             if n and ((idx["offsets"] < 0).any() or (idx["offsets"] + idx["sizes"] > tar_size).any()):
                 raise ValueError(f"member byte ranges reach past the tar's {tar_size} bytes")

@@ -247,6 +247,17 @@ def test_a_bad_wds_index_is_named(tmp_path):
     idx_path.write_text(json.dumps(idx))
     with pytest.raises(ShardReadError, match="shard-000001.idx.json: .*reach past the tar"):
         open_source("wds", str(root)).read(5)
+    # an index naming another shard's tar (or none) would read that tar's bytes as this shard's
+    idx = json.loads(text)
+    idx["tar"] = "shard-000000.tar"
+    idx_path.write_text(json.dumps(idx))
+    with pytest.raises(ShardReadError, match="shard-000001.idx.json: .*names the tar 'shard-000000.tar', "
+                                             "not 'shard-000001.tar'"):
+        open_source("wds", str(root)).read(5)
+    del idx["tar"]
+    idx_path.write_text(json.dumps(idx))
+    with pytest.raises(ShardReadError, match=r"shard-000001.idx.json: invalid WebDataset index \(KeyError: 'tar'\)"):
+        open_source("wds", str(root)).read(5)
 
 
 @pytest.mark.parametrize("bad", ["shape", "dtype"])
