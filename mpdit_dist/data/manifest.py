@@ -111,10 +111,26 @@ def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
         raise ValueError(f"{path}: latent_std must be positive, got {manifest['latent_std']}")
     if manifest["store"] not in ("sample", "moments"):
         raise ValueError(f"{path}: store {manifest['store']!r}: expected 'sample' or 'moments'")
+    for key in ("num_classes", "num_samples"):  # labels are checked against num_classes at each read
+        value = manifest[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= (key == "num_classes")):
+            raise ValueError(f"{path}: {key} must be a {'positive' if key == 'num_classes' else 'non-negative'} "
+                             f"integer, got {value!r}")
+    dtype = manifest.get("latent_dtype", "float16")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"{path}: latent_dtype {dtype!r}: expected 'float16' or 'float32'")
+    if not isinstance(manifest["shards"], list):
+        raise ValueError(f"{path}: shards must be a list, got {type(manifest['shards']).__name__}")
     for i, shard in enumerate(manifest["shards"]):
         lacking = [k for k in ("shard_id", "num_samples", "checksums") if k not in shard]
         if lacking:
             raise ValueError(f"{path}: shards[{i}] lacks {', '.join(repr(k) for k in lacking)}")
+        for k in ("shard_id", "num_samples"):
+            if not (isinstance(shard[k], int) and not isinstance(shard[k], bool) and shard[k] >= 0):
+                raise ValueError(f"{path}: shards[{i}].{k} must be a non-negative integer, got {shard[k]!r}")
+    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
+        raise ValueError(f"{path}: the shards hold {sum(s['num_samples'] for s in manifest['shards'])} samples, "
+                         f"num_samples says {manifest['num_samples']}")
     return manifest
 
 

@@ -328,3 +328,22 @@ def test_a_changed_remote_mds_index_is_not_cached(tmp_path):
     with pytest.raises(ShardReadError, match="index.json: downloaded file's sha256 .* differs from the manifest's"):
         open_source("mds", "", remote=str(remote), cache_dir=str(tmp_path / "cache"))
     assert not list((tmp_path / "cache").rglob("index.json"))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.update(num_classes="10"), "num_classes must be a positive integer, got '10'"),
+    (lambda m: m.update(num_classes=0), "num_classes must be a positive integer, got 0"),
+    (lambda m: m.update(latent_dtype="bfloat16"), "latent_dtype 'bfloat16': expected 'float16' or 'float32'"),
+    (lambda m: m["shards"][1].update(num_samples=4.0), r"shards\[1\].num_samples must be a non-negative integer"),
+    (lambda m: m["shards"][1].update(num_samples=3), "the shards hold 7 samples, num_samples says 8"),
+])
+def test_manifest_fields_are_checked_when_read(tmp_path, change, words):
+    """Values the writer never produces (a hand edit, another tool): named at read, not a raw numpy
+    or int error deep in a reader, nor a label check against a string."""
+    root = _small(tmp_path / "d", formats=("wds",))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert read_manifest(root)["num_samples"] == 8 == sum(s["num_samples"] for s in manifest["shards"])
+    change(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=words):
+        read_manifest(root)
