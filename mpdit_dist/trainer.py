@@ -288,9 +288,9 @@ class Trainer:
         f = self.dataset_facts()
         left_out = f.get("num_failed", 0) + f.get("num_skipped_files", 0)
         log.log(logging.WARNING if left_out else logging.INFO,
-                "data %s (%s): %s samples; at encode time %s image(s) failed and %s file(s) were skipped "
-                "(listed in its manifest.json)", self.cfg.data.path, f.get("id", "-"), f.get("num_samples", "?"),
-                f.get("num_failed", "?"), f.get("num_skipped_files", "?"))
+                "data %s (%s): %s samples; at encode time %s image(s) failed and %s file(s) were skipped%s",
+                self.cfg.data.path, f.get("id", "-"), f.get("num_samples", "?"), f.get("num_failed", "?"),
+                f.get("num_skipped_files", "?"), " (listed in its manifest.json)" if left_out else "")
 
     # -------------------------------------------------------------------------------------------
     def _tensor_state(self) -> dict[str, Any]:
