@@ -86,8 +86,14 @@ def apply_fsdp2(model: MPDiT, dist_info: DistInfo, pcfg, mixed_precision: bool) 
             fully_shard(block, **kwargs)
         fully_shard(stage, **kwargs)
     # the root holds the embedders, shared modulation and final layer; never reshard it after
-    # forward: backward needs it at once
+    # forward: backward needs it at once. It leaves its inputs as they come: a cast of every
+    # floating input would round the timestep t to bf16 before the time embedder (fp32 under DDP
+    # and autocast); the model itself brings the latents to its weights' dtype.
     root_kwargs = dict(kwargs, reshard_after_forward=False)
+    if mixed_precision:
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=_DTYPES[pcfg.param_dtype], reduce_dtype=_DTYPES[pcfg.reduce_dtype], cast_forward_inputs=False
+        )
     fully_shard(model, **root_kwargs)
 
 
