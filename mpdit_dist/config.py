@@ -252,6 +252,17 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: choose one of {list(allowed)}")
+    if cfg.parallel.compile and cfg.parallel.compile_mode is not None:
+        from torch._inductor import list_mode_options
+
+        if list_mode_options(cfg.parallel.compile_mode).get("triton.cudagraphs"):
+            # CUDA graphs reuse their output buffers at the next replay: the loop would have to mark
+            # each step, and the samplers (Heun keeps one velocity across the next call) to copy
+            # every output. Neither is done nor tested; bench/throughput.py can still time them.
+            raise ConfigError(
+                f"parallel.compile_mode={cfg.parallel.compile_mode!r} records CUDA graphs, which the trainer "
+                "does not support (its in-training sampling keeps model outputs across calls); use "
+                "'max-autotune-no-cudagraphs' (the same autotuning without CUDA graphs) or leave it unset")
     # Integers that are divided by, counted with or indexed later: wrong ones would fail far into a
     # run with a bare ZeroDivisionError / IndexError that names no key.
     at_least = {
