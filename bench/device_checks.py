@@ -11,7 +11,8 @@ Checks (``--only`` picks some), run in this order, issue 8's speed first:
   the paper recipes): the whole-forward compile with a kernel profile by category, then FSDP2
   over the one GPU (bf16 parameters kept from each block's forward to its backward), with the
   whole forward compiled, then per block.
-- ``autotune``: the whole-forward compile with ``max-autotune-no-cudagraphs`` (long compile).
+- ``autotune``: ``max-autotune-no-cudagraphs`` (long compile) on the fastest compiled setting the
+  ``speed`` runs before it measured (one process or FSDP2; whole forward or per block).
 - ``speed`` again: DiT-XL/2 for the ratio, if time is left.
 - ``backends``: ``train.py`` with ``configs/gpu_smoke.yaml`` (MPDiT-B/4x, batch 128, synthetic
   latents, NCCL) under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: the last logged loss, img/s and
@@ -119,6 +120,25 @@ def check_backends(r: Runner, tiny: bool) -> None:
                          f"{','.join(saved) or '-'}")
 
 
+def fastest_setting(out: Path, names: tuple[str, ...]) -> tuple[list[str], str]:
+    """The bench arguments (compile scope, backend) of the fastest compiled row in the JSON of the
+    checks ``names``, and a line saying which; the whole-forward compile on one process when none
+    of them left a result. Autotuning is then tried where it can bring the step furthest."""
+    best = None
+    for name in names:
+        js = out / f"{name}.json"
+        rows = json.loads(js.read_text())["results"] if js.is_file() else []
+        for row in rows:
+            if row.get("status") == "ok" and row.get("compile") and (best is None or row["img_per_s"] > best["img_per_s"]):
+                best = row
+    if best is None:
+        return ["--compile", "model"], "the whole forward (no earlier result)"
+    args = ["--compile", best["compile_scope"]]
+    if best.get("backend") == "fsdp2":
+        args += ["--backend", "fsdp2", "--reshard-after-forward", "1" if best.get("reshard_after_forward", True) else "0"]
+    return args, f"{best['label']} ({best['img_per_s']:.1f} img/s before)"
+
+
 def check_speed(r: Runner, tiny: bool, which: set[str], models: str) -> None:
     bench = [sys.executable, "bench/throughput.py"] + (TINY_BENCH if tiny else ["--batch", "128", "--precision", "bf16"])
     mpdit, dit = ("custom", "custom") if tiny else (models, "DiT-XL/2")
@@ -128,12 +148,16 @@ def check_speed(r: Runner, tiny: bool, which: set[str], models: str) -> None:
                  ("speed_fsdp2", mpdit, ["--compile", "model,blocks", "--backend", "fsdp2",
                                          "--reshard-after-forward", "0"], 300, 90)]
     if "autotune" in which:
-        plan.append(("speed_autotune", mpdit, ["--compile", "model", "--compile-mode", "max-autotune-no-cudagraphs"],
-                     420, 200))
+        # the arguments are settled when its turn comes: the fastest setting measured before it
+        plan.append(("speed_autotune", mpdit, None, 420, 200))
     if "speed" in which:
         plan.append(("speed_dit", dit, ["--compile", "model"], 200, 90))
     for name, model_list, extra, timeout_s, min_s in plan:
         js = r.out / f"{name}.json"
+        if extra is None:
+            extra, basis = fastest_setting(r.out, ("speed_model_profile", "speed_fsdp2"))
+            r.summary.append(f"{name}: max-autotune-no-cudagraphs on {basis}")
+            extra = extra + ["--compile-mode", "max-autotune-no-cudagraphs"]
         args = ["--models", model_list] + extra
         rc = r.run(name, bench + args + ["--json", str(js)], timeout_s=timeout_s, min_s=min_s)
         if rc == 0 and js.is_file():

@@ -43,3 +43,28 @@ def test_budget_skips_what_does_not_fit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert summary.count("SKIPPED") == 3 and "needs about 90 s" in summary
+
+
+def test_autotune_runs_on_the_fastest_setting_measured_before(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from device_checks import fastest_setting
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    names = ("speed_model_profile", "speed_fsdp2")
+    assert fastest_setting(tmp_path, names) == (["--compile", "model"], "the whole forward (no earlier result)")
+
+    def row(label, img_s, scope, backend="none", **extra):
+        return {"label": label, "status": "ok", "compile": True, "compile_scope": scope, "backend": backend,
+                "img_per_s": img_s, **extra}
+
+    (tmp_path / "speed_model_profile.json").write_text(json.dumps({"results": [row("one process", 1066.0, "model")]}))
+    (tmp_path / "speed_fsdp2.json").write_text(json.dumps({"results": [
+        row("fsdp2 model", 1180.5, "model", "fsdp2", reshard_after_forward=False),
+        row("fsdp2 blocks", 1100.0, "blocks", "fsdp2", reshard_after_forward=False),
+        {"label": "failed one", "status": "failed", "compile": True, "img_per_s": None}]}))
+    args, basis = fastest_setting(tmp_path, names)
+    assert args == ["--compile", "model", "--backend", "fsdp2", "--reshard-after-forward", "0"]
+    assert basis == "fsdp2 model (1180.5 img/s before)"
+    (tmp_path / "speed_fsdp2.json").write_text(json.dumps({"results": [row("fsdp2 blocks", 900.0, "blocks", "fsdp2")]}))
+    assert fastest_setting(tmp_path, names)[0] == ["--compile", "model"]
