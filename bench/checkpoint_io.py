@@ -108,6 +108,8 @@ def main() -> None:
                    help="time this checkpoint.py instead of mpdit_dist/checkpoint.py (e.g. an older version)")
     args = p.parse_args()
     module = str(Path(args.checkpoint_module).resolve()) if args.checkpoint_module else None
+    if args.dir:  # a --dir that does not exist yet is created, as for any output path
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         port = free_port()
         out = Path(tmp) / "result.json"

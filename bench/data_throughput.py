@@ -62,6 +62,8 @@ def main() -> None:
         latents = {"mean": rng.standard_normal(shape, dtype=np.float32).astype(np.float16),
                    "std": np.full(shape, 0.05, dtype=np.float16)}
     labels = rng.integers(0, 1000, args.samples)
+    if args.dir:  # a --dir that does not exist yet is created, as for any output path
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp) / "bench"
         t0 = time.perf_counter()

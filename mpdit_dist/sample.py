@@ -207,6 +207,17 @@ def _parse_interval(ap: argparse.ArgumentParser, text: Optional[str]) -> Optiona
     return lo, hi
 
 
+def default_out(run_dir: Optional[str], checkpoint: Optional[str]) -> Path:
+    """Where the npz goes without ``--out``: ``<run dir>/samples/samples.npz``. A checkpoint
+    directory ``<run dir>/checkpoints/step_*`` names its run dir; an exported ``.safetensors`` file
+    has none, so its samples go beside it (not two folders up, outside the file's own folder)."""
+    if run_dir is not None:
+        return Path(run_dir) / "samples" / "samples.npz"
+    path = Path(checkpoint)
+    base = path.parent if path.is_file() else path.parent.parent
+    return base / "samples" / "samples.npz"
+
+
 def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """The command line, checked before anything is loaded: bad values end here with the flag named."""
     ap = argparse.ArgumentParser(description="Sample from a trained MPDiT")
@@ -228,7 +239,9 @@ def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-ema", action="store_true")
-    ap.add_argument("--out", default=None, help="npz path (default: <run-dir>/samples/samples.npz)")
+    ap.add_argument("--out", default=None,
+                    help="npz path (default: <run-dir>/samples/samples.npz; with --checkpoint: its run dir's "
+                         "samples/ for a step_* directory, samples/ beside the file for a .safetensors)")
     ap.add_argument("--grid", default=None, help="png path (default: beside the npz)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -292,7 +305,7 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
         ap.error(f"--classes {bad} outside [0, {margs.num_classes})")
     labels = plan_labels(classes_all, args.num_samples, args.num_per_class, args.seed, args.balanced)
     interval = args.interval
-    out = Path(args.out) if args.out else Path(args.run_dir or Path(args.checkpoint).parent.parent) / "samples" / "samples.npz"
+    out = Path(args.out) if args.out else default_out(args.run_dir, args.checkpoint)
     settings = {"sampler": args.sampler, "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": interval,
                 "seed": args.seed, "num_samples": len(labels), "batch_size": args.batch_size,
                 "balanced": args.balanced, "ema": not args.no_ema, "source": info.get("source"),

@@ -1,0 +1,40 @@
+"""Where ``python -m mpdit_dist.sample`` writes without ``--out`` (CPU, a tiny exported model).
+
+README: an official checkpoint is converted to a ``.safetensors`` export and sampled with
+``--checkpoint``. Its samples used to go two folders above the file (the rule for
+``<run>/checkpoints/step_*`` directories), i.e. outside the export's own folder."""
+import numpy as np
+import torch
+
+from mpdit_dist.export import save_exported
+from mpdit_dist.models import MPDiT
+from mpdit_dist.models.mpdit import ModelArgs
+from mpdit_dist.sample import default_out, main
+
+
+def _tiny_export(path):
+    torch.manual_seed(0)
+    args = ModelArgs(stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=8, in_channels=3,
+                     num_classes=2, num_condition_tokens=4)
+    manifest = {"num_classes": 2, "encoder": {"id": "identity"}, "latent_mean": [0.0] * 3, "latent_std": [1.0] * 3}
+    return save_exported(MPDiT(args), path, {"manifest": manifest, "step": 1, "config": {"data": {"normalize": True}}})
+
+
+def test_samples_of_an_exported_file_go_beside_it(tmp_path):
+    folder = tmp_path / "exports" / "official"
+    folder.mkdir(parents=True)
+    weights = _tiny_export(folder / "official.safetensors")
+    main(["--checkpoint", str(weights), "--num-per-class", "1", "--steps", "1", "--device", "cpu"])
+    out = folder / "samples" / "samples.npz"
+    assert out.is_file() and out.with_suffix(".png").is_file()
+    assert not (tmp_path / "exports" / "samples").exists()
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_default_out_of_a_run_dir_and_of_a_step_directory(tmp_path):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    assert default_out(str(run), None) == run / "samples" / "samples.npz"
+    assert default_out(None, str(step)) == run / "samples" / "samples.npz"
