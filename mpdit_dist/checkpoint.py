@@ -341,6 +341,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def _not_a_checkpoint(p: Path) -> Optional[str]:
+    """None when ``p`` looks like a published checkpoint directory (a directory with its
+    ``COMPLETE.json``), else why not and what to pass instead (see
+    :meth:`CheckpointManager.check_resume_path`)."""
+    if p.name.startswith("tmp-"):
+        final = p.with_name(p.name[len("tmp-"):])
+        after = (f"; it has since been made visible (checksummed and renamed) as {final}: resume from that"
+                 if (final / COMPLETE).is_file() else "")
+        return (f"a half-written checkpoint (its save was interrupted or never made visible), which is never "
+                f"resumed from{after}. Pass a published step_* directory, or --resume auto with the run's --run-dir")
+    if not p.exists():
+        return "no such checkpoint directory"
+    if not p.is_dir():
+        return "not a directory (a checkpoint is a checkpoints/step_* directory)"
+    if (p / COMPLETE).is_file():
+        return None
+    for root, what in ((p / "checkpoints", "a run directory"), (p, "a checkpoints directory")):
+        found = list_checkpoints(root)
+        if found:
+            return (f"{what}, not a checkpoint: pass one of its checkpoints (newest: {found[0][1]}), or "
+                    f"continue that run with --run-dir {root.parent} --resume auto")
+    if (p / "trainer.json").is_file() or (p / ".metadata").is_file():
+        return (f"an incomplete checkpoint ({COMPLETE} missing: its save did not finish, or it was damaged). "
+                f"Pass a published step_* directory")
+    return f"not a checkpoint directory (no {COMPLETE}, trainer.json or tensor shards in it)"
+
+
 @dataclass
 class CheckpointManager:
     """Saves and restores the training bundle of one run directory."""
@@ -530,6 +557,18 @@ class CheckpointManager:
                 f"(newest: {found[0]}); {why} would start a second run in it. Choose another --run-dir, "
                 f"continue that run with --resume auto, or remove {self.root}"
             )
+
+    def check_resume_path(self, resume: str) -> None:
+        """Collective: raise when ``--resume PATH`` does not name a published checkpoint directory
+        (a ``step_*`` directory with its ``COMPLETE.json``), before anything is built or written: a
+        missing path, a file, a half-written ``tmp-`` directory, a run directory or its
+        ``checkpoints/`` directory, or any other directory. The error names the path, what it is,
+        and which path to pass instead. (Its checksums are verified at the load.)"""
+        if resume in ("auto", "never"):
+            return
+        problem = on_rank0(self.rank, lambda: _not_a_checkpoint(Path(resume)))
+        if problem is not None:
+            raise CheckpointError(f"--resume {resume}: {problem}")
 
     def holds(self, path: Path) -> bool:
         """Whether ``path`` is a checkpoint directory of this run directory."""

@@ -567,7 +567,9 @@ def submit(cfg: C.Config, run_dir: str | Path, resume: str = "auto",
     from .checkpoint import CheckpointManager
 
     # the trainer's own refusal, before config.yaml and launch/ of the run already there are overwritten
-    CheckpointManager(run_dir).refuse_second_run(resume)
+    manager = CheckpointManager(run_dir)
+    manager.check_resume_path(resume)  # a --resume PATH that is no checkpoint: now, not after the queue
+    manager.refuse_second_run(resume)
     launch_dir = run_dir / LAUNCH_DIR
     launch_dir.mkdir(parents=True, exist_ok=True)
     C.save_config(cfg, run_dir / "config.yaml")

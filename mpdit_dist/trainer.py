@@ -326,11 +326,61 @@ class Trainer:
             "world_size": self.dist.world_size,
             "global_batch_size": self.cfg.data.global_batch_size,
             "backend": self.backend,
+            "deepspeed": self._deepspeed_settings(),
             "model_args": self.model_args.to_dict(),
             "config": C.to_dict(self.cfg),
             "manifest": self.manifest,
             "code": code_version(),
         }
+
+    def _deepspeed_settings(self) -> Optional[dict[str, Any]]:
+        """What the DeepSpeed engine's checkpoint files depend on (its ZeRO stage and its precision,
+        as the engine runs them: a user JSON may set them), or None under the other backends."""
+        if self.engine is None:
+            return None
+        e = self.engine
+        return {"zero_stage": int(e.zero_optimization_stage()), "bf16": bool(e.bfloat16_enabled()),
+                "fp16": bool(e.fp16_enabled())}
+
+    def _check_deepspeed_resumable(self, tstate: dict[str, Any], path: Path) -> None:
+        """DeepSpeed's files differ by ZeRO stage and precision (bf16 or fp16 runs keep fp32 masters in
+        optimizer files of other names and contents): refuse another stage or precision before
+        anything is read, naming the keys. Checkpoints that predate the record: their config's
+        ``parallel.zero_stage``, and ``train.precision`` when it was explicit (bf16 or fp32)."""
+        mine = self._deepspeed_settings()
+        if mine is None:
+            return
+        saved_cfg = tstate.get("config") or {}
+        theirs = dict(tstate.get("deepspeed") or {})
+        if not theirs:
+            stage = (saved_cfg.get("parallel") or {}).get("zero_stage")
+            if stage is not None:
+                theirs["zero_stage"] = int(stage)
+            precision = (saved_cfg.get("train") or {}).get("precision")
+            if precision in ("bf16", "fp32") and not (saved_cfg.get("parallel") or {}).get("deepspeed_config"):
+                theirs["bf16"], theirs["fp16"] = precision == "bf16", False
+        if "zero_stage" in theirs and theirs["zero_stage"] != mine["zero_stage"]:
+            raise C.ConfigError(
+                f"checkpoint {path} was written with parallel.zero_stage={theirs['zero_stage']}, this run has "
+                f"parallel.zero_stage={mine['zero_stage']}: DeepSpeed's files of one ZeRO stage do not load into "
+                f"another. Resume with parallel.zero_stage={theirs['zero_stage']}"
+            )
+        changed = [k for k in ("bf16", "fp16") if k in theirs and bool(theirs[k]) != mine[k]]
+        if changed:
+            old_p = (saved_cfg.get("train") or {}).get("precision")
+            raise C.ConfigError(
+                f"checkpoint {path} was written by DeepSpeed with "
+                + ", ".join(f"{k}.enabled={bool(theirs[k])}" for k in changed)
+                + ", this run has " + ", ".join(f"{k}.enabled={mine[k]}" for k in changed)
+                + f" (train.precision={old_p} there, {self.cfg.train.precision} here): DeepSpeed keeps the "
+                f"weights and the optimizer state of a bf16/fp16 run in other files than those of an fp32 run, "
+                f"and cannot load one into the other. Resume with train.precision="
+                f"{'bf16' if theirs.get('bf16') else 'fp32'}"
+                + (" and the checkpoint's parallel.deepspeed_config"
+                   if (saved_cfg.get("parallel") or {}).get("deepspeed_config") or self.cfg.parallel.deepspeed_config
+                   else "")
+                + ", or start a new run dir with train.init_from=<exported weights>"
+            )
 
     def _engine_io(self):
         """(writer, reader) of DeepSpeed's own sharded files inside a checkpoint directory."""
@@ -378,11 +428,13 @@ class Trainer:
 
     def check_run_dir(self) -> None:
         """Before anything is written into the run directory (collective): finish what a crash left
-        (:meth:`CheckpointManager.clean_partial`), and refuse to start a second run in a directory
+        (:meth:`CheckpointManager.clean_partial`), refuse a ``--resume PATH`` that is no published
+        checkpoint (:meth:`CheckpointManager.check_resume_path`), and refuse to start a second run in a directory
         that holds checkpoints: ``--resume never``, or ``--resume PATH`` of another directory's
         checkpoint. (``--resume PATH`` of an older checkpoint of this directory is a decision to go
         back: the later checkpoints are moved aside after the load, see :meth:`maybe_resume`.)"""
         self.ckpt.clean_partial()
+        self.ckpt.check_resume_path(self.resume)
         self.ckpt.refuse_second_run(self.resume)
 
     def maybe_resume(self) -> None:
@@ -403,6 +455,7 @@ class Trainer:
         if self.scheduler is not None and tstate.get("scheduler"):
             self.scheduler.load_state_dict(tstate["scheduler"])
         self._apply_optim_config()
+        self._report_flow_changes(tstate, path)
         self.loader.load_state_dict(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
         self._restore_log_window(tstate.get("log_window"))
         if self.ckpt.holds(path):
@@ -439,6 +492,16 @@ class Trainer:
             log.warning("resumed with optimizer settings other than the checkpoint's; this run's config applies "
                         "from here: %s", ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
+    def _report_flow_changes(self, tstate: dict[str, Any], path: Path) -> None:
+        """The training objective's settings (``flow.*``) apply from the resume on, like the
+        optimizer's: changed ones are logged, naming both values, never taken silently."""
+        saved = (tstate.get("config") or {}).get("flow") or {}
+        mine = C.to_dict(self.cfg)["flow"]
+        changed = [f"flow.{k} {saved[k]} -> {v}" for k, v in mine.items() if k in saved and saved[k] != v]
+        if changed and self.dist.is_main:
+            log.warning("resumed from %s with training objective settings other than the checkpoint's; this run's "
+                        "config applies from here: %s", path, ", ".join(changed))
+
     def _check_resumable(self, tstate: dict[str, Any], path: Path) -> None:
         """Raise, naming the checkpoint and the keys, when this run cannot continue it. Called on
         every rank with rank 0's trainer.json, before any tensor is read."""
@@ -459,6 +522,8 @@ class Trainer:
                 f"(none, ddp, fsdp2) cannot load each other. Resume with parallel.backend={saved}, or "
                 f"start a new run dir with train.init_from=<exported weights>"
             )
+        if saved == "deepspeed":
+            self._check_deepspeed_resumable(tstate, path)
         from .models import ModelArgs
 
         try:  # model_args, or the config of a checkpoint written before model_args was recorded
@@ -474,6 +539,23 @@ class Trainer:
                     f"checkpoint {path} holds another model architecture: {'; '.join(diff)}. "
                     f"Resume with the checkpoint's model settings, or start a new run dir"
                 )
+        # the model's input space: standardised latents or the stored ones (sampling decodes alike)
+        saved_norm = ((tstate.get("config") or {}).get("data") or {}).get("normalize")
+        if saved_norm is not None and bool(saved_norm) != bool(self.cfg.data.normalize):
+            raise C.ConfigError(
+                f"checkpoint {path} was trained with data.normalize={bool(saved_norm)}, this run has "
+                f"data.normalize={bool(self.cfg.data.normalize)}: the model would continue on latents of another "
+                f"scale than it learned (and its samples be decoded wrongly). Resume with "
+                f"data.normalize={bool(saved_norm)}, or start a new run dir with train.init_from=<exported weights>"
+            )
+        # the data stream (seed, shuffle, dataset): refused here, before the tensors are read
+        try:
+            self.loader.check_state(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
+        except ValueError as exc:
+            saved_data = ((tstate.get("config") or {}).get("data") or {}).get("path")
+            where = (f" (data.path={saved_data} there, {self.cfg.data.path} here)"
+                     if saved_data is not None and saved_data != self.cfg.data.path else "")
+            raise C.ConfigError(f"checkpoint {path} cannot continue its data stream in this run{where}: {exc}") from exc
 
     # -------------------------------------------------------------------------------------------
     @property

@@ -255,6 +255,22 @@ class ShardLoader:
         the same sample position (the rest of the current epoch is still seen exactly once).
         A different seed or shuffle setting would change the order itself and is always refused.
         """
+        changes = self.check_state(state, allow_batch_change)
+        self.close()
+        self.step = int(state["step"])
+        if changes:
+            warnings.warn("resuming the data loader with " + "; ".join(changes) + f": continuing at sample position "
+                          f"{state['samples_seen']} (epoch {state['samples_seen'] // self.num_samples}); the batches "
+                          f"from here differ from the original run's", stacklevel=2)
+            self._base_step = self.step
+            self._base_position = int(state["samples_seen"])
+        else:
+            self._base_step = int(state["base_step"])
+            self._base_position = int(state["base_position"])
+
+    def check_state(self, state: dict[str, Any], allow_batch_change: bool = False) -> list[str]:
+        """What :meth:`load_state_dict` would refuse (a ``ValueError``), checked without changing
+        anything; else the changes it would continue with (``allow_batch_change``), as text."""
         if state.get("version") != STATE_VERSION or state.get("order") != ORDER_SCHEME:
             raise ValueError(
                 f"data loader state version {state.get('version')!r} with sample order "
@@ -273,17 +289,7 @@ class ShardLoader:
         if changes and not allow_batch_change:
             raise ValueError("cannot resume the data loader exactly: " + "; ".join(changes)
                              + ". Pass allow_batch_change=True (checkpoint.allow_batch_change=true) to continue anyway")
-        self.close()
-        self.step = int(state["step"])
-        if changes:
-            warnings.warn("resuming the data loader with " + "; ".join(changes) + f": continuing at sample position "
-                          f"{state['samples_seen']} (epoch {state['samples_seen'] // self.num_samples}); the batches "
-                          f"from here differ from the original run's", stacklevel=2)
-            self._base_step = self.step
-            self._base_position = int(state["samples_seen"])
-        else:
-            self._base_step = int(state["base_step"])
-            self._base_position = int(state["base_position"])
+        return changes
 
 
 def build_loader(cfg, *, rank: int, world_size: int, seed: int, run_dir: Optional[str] = None) -> ShardLoader:

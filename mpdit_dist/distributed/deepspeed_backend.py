@@ -395,6 +395,43 @@ def to_universal(ckpt_dir: Path) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _names_of_saved_folders(engine, zero_dir: Path) -> Iterator[None]:
+    """For one universal load: DeepSpeed reads each parameter's state from the folder named after
+    the parameter as the *saving* model named it (``zero/<name>/``), and looks it up under the name
+    this model gives it. Activation checkpointing wraps blocks, and so names
+    (``..._checkpoint_wrapped_module.``): a run that switched it on or off would find no folder, or
+    one without the optimizer state.
+    Within this block each parameter whose folder is missing (or incomplete) goes by the saved folder of the same
+    name without wrappers (:func:`~mpdit_dist.ema.clean_name`); the names are restored after.
+    (The conversion also writes a folder under the module's own, unwrapped, state-dict name with
+    the weights alone, ``fp32.pt``: of the folders of one parameter, the one with the most files,
+    the optimizer state included, is the one taken.)"""
+    files = ({f.name: sum(1 for _ in f.iterdir()) for f in zero_dir.iterdir() if f.is_dir()}
+             if zero_dir.is_dir() else {})
+    by_clean: dict[str, str] = {}
+    for name in sorted(files):
+        best = by_clean.get(clean_name(name))
+        if best is None or files[name] > files[best]:
+            by_clean[clean_name(name)] = name
+    tables: list[dict] = []  # the engine's table, and the optimizer's when it keeps another
+    for table in (getattr(engine, "param_names", None), getattr(engine.optimizer, "param_names", None)):
+        if isinstance(table, dict) and all(table is not t for t in tables):
+            tables.append(table)
+    backups = [dict(t) for t in tables]
+    try:
+        for table in tables:
+            for param, name in list(table.items()):
+                best = by_clean.get(clean_name(name))
+                if best is not None and files.get(name, 0) < files[best]:
+                    table[param] = best
+        yield
+    finally:
+        for table, backup in zip(tables, backups):
+            table.clear()
+            table.update(backup)
+
+
 def load_engine(trainer, ckpt_dir: Path) -> None:
     """Collective: restore the engine from ``<ckpt_dir>/deepspeed/``.
 
@@ -432,7 +469,7 @@ def load_engine(trainer, ckpt_dir: Path) -> None:
         # the engine reads this switch when loading only; DeepSpeed has no argument for it
         engine._config.load_universal_checkpoint = True
         try:
-            with weights_only_loading():
+            with weights_only_loading(), _names_of_saved_folders(engine, ckpt_dir / UNIVERSAL_SUBDIR / DS_TAG / "zero"):
                 path, _ = engine.load_checkpoint(str(ckpt_dir / UNIVERSAL_SUBDIR), tag=DS_TAG)
         finally:
             engine._config.load_universal_checkpoint = False
