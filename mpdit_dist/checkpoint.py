@@ -109,13 +109,32 @@ def on_every_rank(rank: int, fn: Callable[[], Any], what: str) -> list[Any]:
     return [r for r, _ in gathered]
 
 
-def fault_point(name: str, step: int) -> None:
+def fault_point(name: str, step: int, path: Optional[Path] = None) -> None:
     """Test hook: ``MPDIT_FAULT=<name>:<step>`` kills this process with SIGKILL right here, to
-    prove that a crash at that point (mid-save included) never leaves a loadable half checkpoint."""
-    if os.environ.get("MPDIT_FAULT") == f"{name}:{step}":
-        import signal
+    prove that a crash at that point (mid-save included) never leaves a loadable half checkpoint.
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    ``<name>:<step>:<SIGNAL>`` sends that signal instead (``SIGUSR2``, ``SIGTERM``: a stop request
+    at an awkward moment), and ``<name>:<step>:<ERRNO>`` (``EIO``, ``ENOSPC``...) raises that
+    ``OSError`` on ``path`` (a failed write); ``...@<rank>`` limits an entry to that rank (the
+    ``RANK`` variable); several entries are separated by commas, each one that matches applies."""
+    spec = os.environ.get("MPDIT_FAULT")
+    if not spec:
+        return
+    import signal
+
+    for entry in spec.split(","):
+        where, _, only = entry.strip().partition("@")
+        if only and only != os.environ.get("RANK", "0"):
+            continue
+        parts = where.split(":")
+        if parts[:2] != [name, str(step)]:
+            continue
+        what = parts[2] if len(parts) > 2 else "SIGKILL"
+        if what.startswith("SIG"):
+            os.kill(os.getpid(), signal.Signals[what])
+        else:
+            code = getattr(errno, what)
+            raise OSError(code, f"{os.strerror(code)} (MPDIT_FAULT)", None if path is None else str(path))
 
 
 _DELETING = "deleting-"  # a checkpoint retention is removing: renamed first, so never half-deleted as step_*
@@ -411,10 +430,20 @@ class CheckpointManager:
                 json.dump(trainer_state, f, indent=1, default=str)
 
         on_rank0(self.rank, prepare)
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank{self.rank}.pt")
-        if extra_writer is not None:
-            extra_writer(tmp)
+
+        def write_own() -> None:
+            (tmp / "rng").mkdir(exist_ok=True)
+            rng_file = tmp / "rng" / f"rank{self.rank}.pt"
+            torch.save(rng_state(), rng_file)
+            fault_point("save_write", step, rng_file)
+            if extra_writer is not None:
+                extra_writer(tmp)
+
+        # each rank's own files, before the tensor shards: a write that fails on one rank (a full or
+        # read-only disk) raises on every rank, naming the rank and the file; otherwise the other
+        # ranks would go on into DCP's collectives and meet the dead rank there ("connection
+        # closed by peer" under gloo, a hang until the timeout under NCCL), never told why
+        on_every_rank(self.rank, write_own, f"cannot write checkpoint {tmp}")
         if async_save:
             future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_group())
             self._pending = (step, tmp, final, future)

@@ -446,7 +446,10 @@ class TrainingTask:
                 if old_threads is not None:
                     torch.set_num_threads(old_threads)
         result = dict(result, rank=rank, restart=restart, job_id=job_id)
-        signals = tuple(_SIGNALS_SEEN)
+        # what any rank saw up to the stop (the trainer's agreement: the same on every rank, so that
+        # all of them take the same action; the file barrier of a requeue waits for every rank),
+        # with what this rank saw since
+        signals = tuple(dict.fromkeys([*result.get("stop_reasons", ()), *_SIGNALS_SEEN]))
         action = requeue_action(result["status"], restart, cfg.launch.max_requeues, signals,
                                 warning=signals_handled[0].name)
         if rank == 0 and cfg.launch.tags and action != "requeue":

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from . import config as C
 from . import preemption
-from .checkpoint import CheckpointManager, code_version, fault_point, list_checkpoints
-from .distributed.env import DistInfo, broadcast_object, init_distributed, shutdown
+from .checkpoint import CheckpointManager, code_version, fault_point, list_checkpoints, step_dir_name
+from .distributed.env import DistInfo, all_gather_object, broadcast_object, init_distributed, shutdown
 from .ema import EMA, local_tensor
 from .flops import device_peak_flops, train_flops_per_image
 from .flow import FlowMatching
@@ -731,7 +731,7 @@ class Trainer:
         self._record_final_outputs()
 
     def sample_grid(self) -> Optional[Path]:
-
+        fault_point("sample", self.step)
         classes = [c % self.model_args.num_classes for c in self.cfg.train.sample_classes]
         paths = []
         with self.ema.swapped_into(self.raw_model):
@@ -755,6 +755,7 @@ class Trainer:
         computed on rank 0 and logged as ``eval/*`` at this step."""
         from .sample import plan_labels
 
+        fault_point("eval", self.step)
         cfg, d = self.cfg, self.dist
         labels = plan_labels(range(self.model_args.num_classes), cfg.train.eval_num_samples, None,
                              cfg.train.seed, balanced=True)
@@ -815,7 +816,19 @@ class Trainer:
             close = getattr(self.loader, "close", None)
             if close is not None:
                 close()
-        return {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+        result = {"status": status, "step": self.step, "run_dir": str(self.run_dir)}
+        if status == "preempted":
+            result["stop_reasons"] = self.stop_reasons
+        return result
+
+    def _agreed_stop_reasons(self) -> list[str]:
+        """Collective, once the run stops: the reasons (signal names) of the stop requests seen on
+        any rank so far, the same list on every rank. The ranks stop together at a vote, but the
+        signals may have reached only some of them (or at different steps): what happens next (a
+        requeue after the warning signal, or not) must be decided alike on every rank."""
+        mine = preemption.stop_reasons()
+        gathered = all_gather_object(mine) if self.dist.distributed else [mine]
+        return sorted({r for part in gathered for r in part})
 
     def _loop(self) -> str:
         cfg, d = self.cfg, self.dist
@@ -916,6 +929,11 @@ class Trainer:
                 window_other += time.perf_counter() - t_other
             if stop:
                 self.ckpt.finalize()  # the preemption checkpoint must be complete before we leave
+                self.stop_reasons = self._agreed_stop_reasons()
+                if d.is_main:
+                    log.warning("stop requested (%s): stopped at step %d of %d with its checkpoint %s; continue "
+                                "with --resume auto", ", ".join(self.stop_reasons) or "?", step, total,
+                                self.ckpt.root / step_dir_name(step))
                 if bar is not None:
                     bar.close()
                 return "preempted"
@@ -929,7 +947,8 @@ class Trainer:
 
 
 def train(cfg: C.Config, run_dir: str | Path, resume: str = "auto") -> dict[str, Any]:
-    """Run (or continue) a training run; returns {"status", "step", "run_dir"}."""
+    """Run (or continue) a training run; returns {"status", "step", "run_dir"}, and for a stopped run
+    ("preempted") "stop_reasons": the stop requests' reasons seen on any rank (the same on every rank)."""
     trainer = Trainer(cfg, run_dir, resume)
     try:
         result = trainer.fit()

@@ -424,3 +424,43 @@ def test_local_jobs_get_the_configured_warning_delay(tmp_path):
     job = launch.make_executor(cfg, tmp_path / "run").submit(
         lambda: __import__("os").environ["SUBMITIT_LOCAL_SIGNAL_DELAY_S"])
     assert job.result() == "150"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_task_of_a_stopped_job_takes_the_action_the_ranks_agreed_on(tmp_path, monkeypatch, rank):
+    """The warning signal reached one task only (or reached the others after the stop), while all
+    ranks stopped together at the trainer's vote: every task still takes the requeue path, which the
+    trainer's agreed ``stop_reasons`` say, not the "stop" (exit 143) of its own empty record. Before,
+    a rank 0 that had seen nothing left with 143 (no requeue), and a rank 0 that alone had seen the
+    signal waited at the requeue barrier for ranks that had left with 143, until its timeout."""
+    import mpdit_dist.trainer as trainer
+
+    run = tmp_path / "run"
+    cfg = C.load_config(DEMO, [f"results_dir={tmp_path}", "launch.gpus_per_node=0", "launch.tasks_per_node=2",
+                               "launch.cpus_per_task=1", "launch.cluster=slurm"])
+    _slurm_task_env(monkeypatch, restarts=0)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", str(rank))
+    monkeypatch.setenv("SLURM_LOCALID", str(rank))
+    monkeypatch.setattr(trainer, "train", lambda cfg, run_dir, resume: {
+        "status": "preempted", "step": 7, "run_dir": str(run_dir), "stop_reasons": ["SIGUSR2"]})
+    calls = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    barrier = run / launch.LAUNCH_DIR / "barriers" / "preempt-4242-0"
+    if rank == 0:  # the other rank has checked in already
+        barrier.mkdir(parents=True)
+        (barrier / "rank1").touch()
+    import torch
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            launch.TrainingTask(C.to_dict(cfg), str(run), "auto", barrier_timeout_s=5)()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+    assert exit_.value.code == 0  # not 128 + SIGTERM: the job is requeued, not stopped
+    assert (barrier / f"rank{rank}").exists()
+    assert calls == ([["scontrol", "requeue", "4242"]] if rank == 0 else [])

@@ -1,0 +1,58 @@
+"""The stop flag of mpdit_dist.preemption under signals that come at awkward moments."""
+import subprocess
+import sys
+import textwrap
+
+from tests.helpers.runs import REPO, env
+
+# A second signal (SLURM's SIGTERM right after the warning signal, a user's second scancel) whose
+# handler runs while the first handler is still setting the flag: the tracer sends SIGTERM at
+# every line executed inside the first (SIGUSR2) handler and whatever it calls, so the second
+# handler runs nested at each of those moments.
+NESTED = textwrap.dedent("""
+    import os, signal, sys
+    from mpdit_dist import preemption
+
+    preemption.install_signal_handlers()
+    sent = [0]
+
+    def tracer(frame, event, arg):
+        if event == "line" and sent[0] < 200:
+            sent[0] += 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return tracer
+
+    def first():
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    sys.settrace(tracer)
+    first()
+    sys.settrace(None)
+    print("stopped", preemption.stop_requested(), sent[0] > 0, sorted(set([preemption.stop_reason()])), flush=True)
+""")
+
+
+def test_a_second_signal_during_the_first_handler_does_not_hang():
+    """The handlers must take no lock: with a ``threading.Event`` behind the flag, a nested handler
+    waited forever for the lock its interrupted caller held (the process then ignored SIGTERM)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", NESTED], cwd=REPO, env=env(), capture_output=True, text=True,
+                              timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("a signal that arrived while the first signal's handler ran hung the process") from None
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:3] == ["stopped", "True", "True"], proc.stdout
+
+
+def test_stop_flag_reasons_and_clear():
+    from mpdit_dist import preemption
+
+    preemption.clear()
+    try:
+        assert not preemption.stop_requested() and preemption.stop_reason() is None
+        preemption.request_stop("SIGUSR2")
+        preemption.request_stop("SIGTERM")
+        assert preemption.stop_requested() and preemption.stop_reason() == "SIGTERM"
+    finally:
+        preemption.clear()
+    assert not preemption.stop_requested()
