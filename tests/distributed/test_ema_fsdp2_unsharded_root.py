@@ -4,10 +4,9 @@ FSDP2 registers the unsharded tensors as a module's parameters while it is unsha
 (``reshard_after_forward=False``) stays so after a no-grad forward. ``EMA.swapped_into`` listed
 the parameters before resharding and then cloned tensors whose storage the reshard had freed: a
 segmentation fault (or the EMA copied into a throw-away tensor)."""
-import subprocess
 import textwrap
 
-from tests.helpers.runs import REPO, TORCHRUN, env
+from tests.helpers.runs import torchrun_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -62,8 +61,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_ema_swap_after_nograd_forward_under_fsdp2(tmp_path):
-    script = tmp_path / "ema_fsdp.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(REPO)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "EMA-FSDP-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_script(tmp_path, SCRIPT, "EMA-FSDP-OK")

@@ -5,10 +5,9 @@ used to cast every floating forward input to ``param_dtype``, so under FSDP2 (th
 backend) ``t`` reached the time embedder rounded to bf16 (8 bits: 0.7431 -> 0.7422) and the two
 backends trained on different timesteps. The latents may still go to bf16: the model brings them
 to its weights' dtype itself."""
-import subprocess
 import textwrap
 
-from tests.helpers.runs import REPO, TORCHRUN, env
+from tests.helpers.runs import torchrun_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -49,8 +48,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fsdp2_gives_the_time_embedder_fp32_timesteps(tmp_path):
-    script = tmp_path / "t_input.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(REPO)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "T-FP32-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun_script(tmp_path, SCRIPT, "T-FP32-OK")

@@ -58,6 +58,16 @@ def train(run_dir: Path, npz: Path, overrides: list[str], nproc: int = 0, nnodes
     return proc
 
 
+def torchrun_script(tmp_path: Path, source: str, done: str, nproc: int = 2, timeout: int = 300) -> None:
+    """Run the script ``source`` on ``nproc`` torchrun ranks (its first argument: the repository);
+    fail unless every rank exits 0 and rank 0 printed ``done``."""
+    script = tmp_path / "ranks_script.py"
+    script.write_text(source)
+    proc = subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(script), str(REPO)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and done in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     from mpdit_dist.tracking import read_metrics
 
