@@ -122,6 +122,11 @@ def split_batch(global_batch: int, world: int, micro: Optional[int]) -> tuple[in
 # The trainer
 # ------------------------------------------------------------------------------------------------
 
+def _saved_section(tstate: dict[str, Any], section: str) -> dict[str, Any]:
+    """One section of the config recorded in a checkpoint's trainer.json ({} when not recorded)."""
+    return (tstate.get("config") or {}).get(section) or {}
+
+
 class Trainer:
     def __init__(self, cfg: C.Config, run_dir: str | Path, resume: str = "auto"):
         self.cfg = cfg
@@ -346,19 +351,18 @@ class Trainer:
         """DeepSpeed's files differ by ZeRO stage and precision (bf16 or fp16 runs keep fp32 masters in
         optimizer files of other names and contents): refuse another stage or precision before
         anything is read, naming the keys. Checkpoints that predate the record: their config's
-        ``parallel.zero_stage``, and ``train.precision`` when it was explicit (bf16 or fp32)."""
+        ``parallel.zero_stage``, and ``train.precision`` when it was explicit (bf16 or fp32). Called
+        for a DeepSpeed checkpoint only, so this run is a DeepSpeed run too (``_check_resumable``)."""
         mine = self._deepspeed_settings()
-        if mine is None:
-            return
-        saved_cfg = tstate.get("config") or {}
+        saved_parallel = _saved_section(tstate, "parallel")
+        saved_precision = _saved_section(tstate, "train").get("precision")
         theirs = dict(tstate.get("deepspeed") or {})
         if not theirs:
-            stage = (saved_cfg.get("parallel") or {}).get("zero_stage")
+            stage = saved_parallel.get("zero_stage")
             if stage is not None:
                 theirs["zero_stage"] = int(stage)
-            precision = (saved_cfg.get("train") or {}).get("precision")
-            if precision in ("bf16", "fp32") and not (saved_cfg.get("parallel") or {}).get("deepspeed_config"):
-                theirs["bf16"], theirs["fp16"] = precision == "bf16", False
+            if saved_precision in ("bf16", "fp32") and not saved_parallel.get("deepspeed_config"):
+                theirs["bf16"], theirs["fp16"] = saved_precision == "bf16", False
         if "zero_stage" in theirs and theirs["zero_stage"] != mine["zero_stage"]:
             raise C.ConfigError(
                 f"checkpoint {path} was written with parallel.zero_stage={theirs['zero_stage']}, this run has "
@@ -367,17 +371,16 @@ class Trainer:
             )
         changed = [k for k in ("bf16", "fp16") if k in theirs and bool(theirs[k]) != mine[k]]
         if changed:
-            old_p = (saved_cfg.get("train") or {}).get("precision")
             raise C.ConfigError(
                 f"checkpoint {path} was written by DeepSpeed with "
                 + ", ".join(f"{k}.enabled={bool(theirs[k])}" for k in changed)
                 + ", this run has " + ", ".join(f"{k}.enabled={mine[k]}" for k in changed)
-                + f" (train.precision={old_p} there, {self.cfg.train.precision} here): DeepSpeed keeps the "
+                + f" (train.precision={saved_precision} there, {self.cfg.train.precision} here): DeepSpeed keeps the "
                 f"weights and the optimizer state of a bf16/fp16 run in other files than those of an fp32 run, "
                 f"and cannot load one into the other. Resume with train.precision="
                 f"{'bf16' if theirs.get('bf16') else 'fp32'}"
                 + (" and the checkpoint's parallel.deepspeed_config"
-                   if (saved_cfg.get("parallel") or {}).get("deepspeed_config") or self.cfg.parallel.deepspeed_config
+                   if saved_parallel.get("deepspeed_config") or self.cfg.parallel.deepspeed_config
                    else "")
                 + ", or start a new run dir with train.init_from=<exported weights>"
             )
@@ -495,7 +498,7 @@ class Trainer:
     def _report_flow_changes(self, tstate: dict[str, Any], path: Path) -> None:
         """The training objective's settings (``flow.*``) apply from the resume on, like the
         optimizer's: changed ones are logged, naming both values, never taken silently."""
-        saved = (tstate.get("config") or {}).get("flow") or {}
+        saved = _saved_section(tstate, "flow")
         mine = C.to_dict(self.cfg)["flow"]
         changed = [f"flow.{k} {saved[k]} -> {v}" for k, v in mine.items() if k in saved and saved[k] != v]
         if changed and self.dist.is_main:
@@ -540,7 +543,7 @@ class Trainer:
                     f"Resume with the checkpoint's model settings, or start a new run dir"
                 )
         # the model's input space: standardised latents or the stored ones (sampling decodes alike)
-        saved_norm = ((tstate.get("config") or {}).get("data") or {}).get("normalize")
+        saved_norm = _saved_section(tstate, "data").get("normalize")
         if saved_norm is not None and bool(saved_norm) != bool(self.cfg.data.normalize):
             raise C.ConfigError(
                 f"checkpoint {path} was trained with data.normalize={bool(saved_norm)}, this run has "
@@ -552,7 +555,7 @@ class Trainer:
         try:
             self.loader.check_state(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
         except ValueError as exc:
-            saved_data = ((tstate.get("config") or {}).get("data") or {}).get("path")
+            saved_data = _saved_section(tstate, "data").get("path")
             where = (f" (data.path={saved_data} there, {self.cfg.data.path} here)"
                      if saved_data is not None and saved_data != self.cfg.data.path else "")
             raise C.ConfigError(f"checkpoint {path} cannot continue its data stream in this run{where}: {exc}") from exc
