@@ -16,7 +16,8 @@ Checks (``--only`` picks some), run in this order, issue 8's speed first:
 - ``speed`` again: DiT-XL/2 for the ratio, if time is left.
 - ``backends``: ``train.py`` with ``configs/gpu_smoke.yaml`` (MPDiT-B/4x, batch 128, synthetic
   latents, NCCL) under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: the last logged loss, img/s and
-  peak memory from each run's ``metrics.jsonl``.
+  peak memory from each run's ``metrics.jsonl``; the FSDP2 run also profiles two steps
+  (``train.profile_at``) and the summary shows their time by category.
 
 On the lent machine (torch there, our other dependencies carried as wheels)::
 
@@ -96,10 +97,11 @@ def check_backends(r: Runner, tiny: bool) -> None:
         rng = np.random.default_rng(0)
         np.savez(data, x=rng.standard_normal((64, 4, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 64),
                  num_classes=np.int64(10))
-    rows = []
+    rows, profiles = [], []
     for name, extra in (("deepspeed_zero2", ["parallel.backend=deepspeed", "parallel.zero_stage=2"]),
                         ("deepspeed_zero3", ["parallel.backend=deepspeed", "parallel.zero_stage=3"]),
-                        ("fsdp2", ["parallel.backend=fsdp2"])):
+                        # the trainer's own profiler window too: CUDA kernel time, NCCL's collectives
+                        ("fsdp2", ["parallel.backend=fsdp2", "train.profile_at=21", "train.profile_steps=2"])):
         run_dir = r.work / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a run left by an earlier call would resume, not train
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py",
@@ -111,6 +113,9 @@ def check_backends(r: Runner, tiny: bool) -> None:
             shutil.copy(run_dir / "metrics.jsonl", r.out / f"{name}.metrics.jsonl")
         saved = sorted(p.name for p in run_dir.glob("checkpoints/step_*")) if run_dir.is_dir() else []
         rows.append((name, rc, m, saved))
+        for prof in sorted(run_dir.glob("profile/step_*/rank0.txt")):
+            shutil.copy(prof, r.out / f"{name}.profile.txt")
+            profiles.append(prof.read_text().splitlines()[:14])
     r.summary.append("backends (" + ("a toy model on the CPU" if tiny else "MPDiT-B/4x, batch 128, 1 GPU") + ", 30 steps):")
     r.summary.append(f"  {'backend':<18} {'rc':>4} {'step':>5} {'loss':>8} {'img/s':>8} {'peak GiB':>9}  checkpoints")
     for name, rc, m, saved in rows:
@@ -118,6 +123,8 @@ def check_backends(r: Runner, tiny: bool) -> None:
         r.summary.append(f"  {name:<18} {str(rc):>4} {m.get('step', '-'):>5} {m.get('loss', float('nan')):>8.4f} "
                          f"{m.get('img_per_s', float('nan')):>8.1f} {'-' if peak is None else f'{peak:.2f}':>9}  "
                          f"{','.join(saved) or '-'}")
+    for lines in profiles:
+        r.summary += ["  train.profile_at's window of the fsdp2 run, rank 0:"] + ["  " + line for line in lines]
 
 
 def fastest_setting(out: Path, names: tuple[str, ...]) -> tuple[list[str], str]:

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -64,6 +63,7 @@ import torch.nn as nn
 import yaml
 
 from mpdit_dist import config as C
+from mpdit_dist import profiling
 from mpdit_dist.distributed.parallelize import parallelize
 from mpdit_dist.ema import EMA
 from mpdit_dist.flops import device_peak_flops, train_flops_per_image
@@ -370,96 +370,18 @@ def time_fused(trainer: Trainer, batch: dict[str, torch.Tensor], steps: int) -> 
 # Profile: kernel time by category
 # ------------------------------------------------------------------------------------------------
 
-# first match wins; order matters (attention before matrix products, EMA's lerp before optimizer)
-CATEGORIES: list[tuple[str, re.Pattern]] = [
-    ("attention", re.compile(r"attention|flash|fmha|sdpa|softmax|mha", re.I)),
-    ("EMA", re.compile(r"lerp", re.I)),
-    ("optimizer", re.compile(r"adam|multi_tensor_apply|_foreach_|optimizer|clip_grad|lpnorm", re.I)),
-    ("layernorm", re.compile(r"layer_?norm", re.I)),
-    ("matrix products", re.compile(r"gemm|matmul|aten::(mm|addmm|bmm|baddbmm|linear|conv|_convolution|mkldnn)|"
-                                   r"nvjet|xmma|cutlass|cublas|ampere_|hopper_|sm\d\d_|convol|conv[12]d", re.I)),
-    ("FFT", re.compile(r"fft", re.I)),
-    ("casts/copies", re.compile(r"copy|cast|convert|aten::to\b|_to_copy|clone|contiguous|aten::cat|catarray|memcpy|memset|"
-                                r"fill|zero_|index|gather|scatter|embedding|permute|reshape|view|transpose|"
-                                r"expand|slice|unbind|split|stack|select", re.I)),
-    ("reductions", re.compile(r"reduce|aten::(sum|mean|norm|max|min|amax|linalg_vector_norm)|triton_(red|per)_", re.I)),
-    ("elementwise", re.compile(r"elementwise|triton_poi_|cpp_fused|aten::(mul|add|sub|div|gelu|silu|tanh|exp|"
-                               r"sigmoid|addcmul|neg|pow|rsub|where|sqrt|rsqrt|lt|gt|eq|ne|randn|rand|normal|"
-                               r"uniform|clamp|abs|ones_like|zeros_like|full|empty|threshold)|gelu|silu|functor", re.I)),
-]
-
-
-def categorize(name: str) -> str:
-    for cat, pattern in CATEGORIES:
-        if pattern.search(name):
-            return cat
-    return "other"
-
-
-def _device_time(ev) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total"):  # renamed in torch 2.4+
-        if hasattr(ev, attr):
-            return float(getattr(ev, attr))
-    return 0.0
-
-
 def profile_steps(trainer: Trainer, batch: dict[str, torch.Tensor], steps: int = 3, top: int = 15) -> dict[str, Any]:
-    """torch.profiler over ``steps`` fused steps; GPU kernel time on CUDA, operator self CPU time on CPU.
-
-    Returns {"unit", "total_ms_per_step", "events_per_step", "categories": {cat: ms/step},
-    "top": [{name, category, ms_per_step, calls_per_step}]}."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    """torch.profiler over ``steps`` fused steps, grouped by :func:`mpdit_dist.profiling.summarize`
+    (GPU kernel time on CUDA, operator self CPU time on CPU)."""
+    from torch.profiler import profile
 
     device = trainer.device
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(device)
-    with profile(activities=acts) as prof:
+    with profile(activities=profiling.activities(device)) as prof:
         for _ in range(steps):
             trainer.train_step(batch)
         _sync(device)
-    rows = []
-    for ev in prof.key_averages():
-        if cuda:
-            if ev.device_type != DeviceType.CUDA:
-                continue
-            us = _device_time(ev)
-        else:
-            # annotations (ProfilerStep, "## ...", Optimizer.step#...) hold python time, not operators
-            if ev.key.startswith(("ProfilerStep", "## ")) or "#" in ev.key:
-                continue
-            us = float(ev.self_cpu_time_total)
-        if us <= 0:
-            continue
-        rows.append((ev.key, us / 1e3 / steps, ev.count / steps))
-    rows.sort(key=lambda r: -r[1])
-    cats: dict[str, float] = {}
-    for name, ms, _ in rows:
-        c = categorize(name)
-        cats[c] = cats.get(c, 0.0) + ms
-    return {
-        "unit": "CUDA kernel time" if cuda else "operator self CPU time",
-        "total_ms_per_step": sum(r[1] for r in rows),
-        "events_per_step": sum(r[2] for r in rows),
-        "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-        "top": [{"name": n, "category": categorize(n), "ms_per_step": ms, "calls_per_step": c}
-                for n, ms, c in rows[:top]],
-    }
-
-
-def format_profile(label: str, prof: dict[str, Any]) -> str:
-    total = prof["total_ms_per_step"] or 1.0
-    lines = [f"profile of {label} ({prof['unit']}, per step; {prof['events_per_step']:.0f} kernels/ops per step)",
-             f"  {'category':<18} {'ms/step':>9} {'share':>6}"]
-    for cat, ms in prof["categories"].items():
-        lines.append(f"  {cat:<18} {ms:>9.3f} {100 * ms / total:>5.1f}%")
-    lines.append(f"  {'total':<18} {prof['total_ms_per_step']:>9.3f}")
-    lines.append(f"  top {len(prof['top'])}:")
-    for row in prof["top"]:
-        name = row["name"] if len(row["name"]) <= 90 else row["name"][:87] + "..."
-        lines.append(f"  {row['ms_per_step']:>9.3f} ms  x{row['calls_per_step']:<6.0f} [{row['category']}] {name}")
-    return "\n".join(lines)
+    return profiling.summarize(prof, steps, cuda=device.type == "cuda", top=top)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -872,7 +794,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if row["status"] != "ok":
                 print(f"#   {row['status']}: {row.get('error')}", flush=True)
             if "profile" in row:
-                print(format_profile(v.label, row["profile"]), flush=True)
+                print(profiling.format_summary(v.label, row["profile"]), flush=True)
             elif "profile_error" in row:
                 print(f"#   profile failed: {row['profile_error']}", flush=True)
             rows.append(row)

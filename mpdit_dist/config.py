@@ -104,6 +104,10 @@ class TrainConfig:
     progress_bar: bool = True
     device: str = "auto"  # auto | cpu | cuda
     profile_memory: bool = True  # log peak_mem_gib, the peak GPU memory allocated so far (CUDA only)
+    # torch.profiler over steps profile_at .. profile_at + profile_steps - 1 (0 = off), every rank:
+    # <run_dir>/profile/step_<first step recorded>/rank<R>.trace.json.gz and rank<R>.txt (time by category)
+    profile_at: int = 0
+    profile_steps: int = 3
 
 
 @dataclass
@@ -274,6 +278,7 @@ def validate(cfg: Config) -> None:
         "parallel.hsdp_replicas": (cfg.parallel.hsdp_replicas, 1),
         "parallel.ac_every": (cfg.parallel.ac_every, 1),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
+        "train.profile_at": (cfg.train.profile_at, 0),
         # numpy's generators (the evaluation's class plan) take no negative seed: it failed at the first evaluation
         "train.seed": (cfg.train.seed, 0),
     }
@@ -286,6 +291,8 @@ def validate(cfg: Config) -> None:
             at_least[f"model.{key}"] = (getattr(cfg.model, key), 1)
     if cfg.train.eval_every > 0:
         at_least["train.eval_num_samples"] = (cfg.train.eval_num_samples, 1)
+    if cfg.train.profile_at > 0:
+        at_least["train.profile_steps"] = (cfg.train.profile_steps, 1)
     for key, (value, low) in at_least.items():
         if value < low:
             raise ConfigError(f"{key}={value} must be >= {low}")
@@ -347,6 +354,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 1")
+    if cfg.train.profile_at > cfg.train.steps:
+        raise ConfigError(f"train.profile_at={cfg.train.profile_at} is beyond train.steps={cfg.train.steps}: "
+                          "no step would be profiled")
     try:
         model_args_from(cfg.model)
     except ValueError as exc:

@@ -147,6 +147,7 @@ class Trainer:
         self.tracker = None
         self.engine = None  # DeepSpeed engine, when that backend is used
         self._feature_net = None  # the evaluation's Inception network (rank 0), loaded once
+        self.trace_window = None  # train.profile_at's profiler window (mpdit_dist.profiling.TraceWindow)
         # the logged loss's window: this rank's summed step losses since the last log, and their
         # count; saved with a checkpoint, so a resume between two log steps logs the same mean
         self._window_loss = torch.zeros((), device=self.device)
@@ -811,6 +812,8 @@ class Trainer:
                 self.tracker = None
             raise
         finally:
+            if self.trace_window is not None:
+                self.trace_window.close()  # a run stopped inside the window keeps what was recorded
             if self.tracker:
                 # a preempted job's time until SIGKILL (launch.signal_delay_s) is for the requeue:
                 # a tracking server that stopped answering gets seconds, not the usual minute
@@ -823,6 +826,25 @@ class Trainer:
         if status == "preempted":
             result["stop_reasons"] = self.stop_reasons
         return result
+
+    def _make_trace_window(self):
+        """``train.profile_at``'s window, or None when it is off or already behind this run."""
+        tcfg = self.cfg.train
+        if tcfg.profile_at <= 0 or self.step >= tcfg.profile_at + tcfg.profile_steps - 1:
+            return None
+        from .profiling import TraceWindow
+
+        return TraceWindow(tcfg.profile_at, tcfg.profile_steps, self.run_dir / "profile", self.dist.rank, self.device)
+
+    def _report_profile(self, tracer, summary_path: Path) -> None:
+        """Rank 0: the profiled window's time by category in the log, its summary in MLflow."""
+        cats = tracer.summary["categories"]
+        total = tracer.summary["total_ms_per_step"] or 1.0
+        log.info("profiled %s (%s per step: %.1f ms; %s); traces of every rank in %s",
+                 tracer.steps_label(), tracer.summary["unit"], total,
+                 ", ".join(f"{c} {100 * ms / total:.0f}%" for c, ms in list(cats.items())[:6]), tracer.out_dir)
+        if self.tracker is not None:
+            self.tracker.log_artifact(summary_path, "profile")
 
     def _agreed_stop_reasons(self) -> list[str]:
         """Collective, once the run stops: the reasons (signal names) of the stop requests seen on
@@ -849,16 +871,20 @@ class Trainer:
         # the first step whose loss or gradient norm was not finite (-1: none), kept on the device:
         # read only where the loop synchronises anyway (logging, before sampling and checkpoints)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        # window_other: time in sampling, evaluation and checkpointing, which img/s leaves out.
+        # window_other: time in sampling, evaluation, checkpointing and profiled steps, which img/s leaves out.
         # window_steps counts this process's steps (for the rates); the loss's window
         # (self._window_loss, self._window_n) may begin before a resume
         window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
+        window_profiled = 0  # steps of the window under train.profile_at's profiler
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        tracer = self.trace_window = self._make_trace_window()
         while self.step < total:
             t0 = time.perf_counter()
+            if tracer is not None:
+                tracer.begin_step(self.step + 1)
             batch = next(it)
-            window_data += time.perf_counter() - t0
+            t_data = time.perf_counter() - t0
             loss, grad_norm = self.train_step(batch)
             fault_point("step", self.step)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor (no communication)
@@ -867,8 +893,17 @@ class Trainer:
             first_bad.masked_fill_(~finite & (first_bad < 0), self.step)
             self._window_loss += loss
             self._window_n += 1
-            window_steps += 1
             step = self.step
+            if tracer is not None and tracer.covers(step):
+                # a profiled step runs slower than the others: img/s and step_time_s leave it out
+                written = tracer.end_step(step)
+                window_other += time.perf_counter() - t0
+                window_profiled += 1
+                if written is not None and d.is_main:
+                    self._report_profile(tracer, written)
+            else:
+                window_data += t_data
+                window_steps += 1
             # A stop request during the last step changes nothing: the run finishes (its final
             # sample grid included), and a launcher does not requeue a finished job.
             stop = preemption.stop_requested() and step < total
@@ -894,27 +929,30 @@ class Trainer:
             if log_due:
                 elapsed = max(time.perf_counter() - t_window - window_other, 1e-9)
                 loss_v = self._reduce_loss(self._window_loss / self._window_n)
-                img_s = window_steps * cfg.data.global_batch_size / elapsed
                 metrics = {
                     "loss": loss_v,
                     "lr": self.last_lr,
                     "grad_norm": float(grad_norm),
-                    "img_per_s": img_s,
-                    "img_per_s_per_gpu": img_s / d.world_size,
-                    "data_wait_frac": window_data / elapsed,
-                    "step_time_s": elapsed / window_steps,
                     "epoch": float(getattr(self.loader, "epoch", 0) or 0),
                 }
-                if self.peak_flops:
-                    metrics["mfu"] = img_s * self.flops_per_image / (self.peak_flops * d.world_size)
+                img_s = None
+                if window_steps:  # none when every step of the window was profiled
+                    img_s = window_steps * cfg.data.global_batch_size / elapsed
+                    metrics.update(img_per_s=img_s, img_per_s_per_gpu=img_s / d.world_size,
+                                   data_wait_frac=window_data / elapsed, step_time_s=elapsed / window_steps)
+                    if self.peak_flops:
+                        metrics["mfu"] = img_s * self.flops_per_image / (self.peak_flops * d.world_size)
+                if window_profiled:
+                    metrics["profiled_steps"] = window_profiled
                 if self.device.type == "cuda" and cfg.train.profile_memory:
                     metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.tracker.log_metrics(metrics, step=step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{img_s:.0f}")
+                    bar.set_postfix(loss=f"{loss_v:.4f}", img_s=f"{img_s:.0f}" if img_s else "-")
                 self._window_loss.zero_()
                 self._window_n = 0
                 window_steps, window_data, window_other, t_window = 0, 0.0, 0.0, time.perf_counter()
+                window_profiled = 0
             if bar is not None:
                 bar.update(1)
             if sample_due or eval_due or ckpt_due:

@@ -31,6 +31,9 @@ def test_tiny_run_of_every_check(tmp_path):
         if check == "speed_fsdp2":  # one GPU: the bf16 parameters are kept from forward to backward
             assert all(r["reshard_after_forward"] is False for r in rows), rows
     assert "profile ms/step" in summary and "compiled, fsdp2" in summary
+    # the trainer's own profiler window (train.profile_at) on the FSDP2 run
+    assert (out / "fsdp2.profile.txt").read_text().startswith("profile of steps 21-22, rank 0")
+    assert "train.profile_at's window of the fsdp2 run" in summary
     # issue 8's speed checks come first, so a short lease measures them before the backend runs
     assert summary.index("compiled model") < summary.index("backends (")
 

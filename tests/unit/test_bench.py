@@ -239,33 +239,6 @@ def test_bf16_paths_agree_within_bf16_noise():
     assert rel_diff(math_bf16, fsdp2_bf16) < 1.5 * noise and rel_diff(fp32, fsdp2_bf16) < 1.5 * noise
 
 
-@pytest.mark.parametrize("name,category", [
-    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matrix products"),
-    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matrix products"),
-    ("aten::addmm", "matrix products"),
-    ("aten::convolution_backward", "matrix products"),
-    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
-    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<72>>", "attention"),
-    ("aten::_softmax", "attention"),
-    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
-    ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>, LerpFunctor<float>>", "EMA"),
-    ("aten::lerp_", "EMA"),
-    ("void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>", "casts/copies"),
-    ("Memcpy HtoD (Pinned -> Device)", "casts/copies"),
-    ("void at::native::unrolled_elementwise_kernel<convert_float_to_bfloat16>", "casts/copies"),
-    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "layernorm"),
-    ("triton_per_fused_native_layer_norm_3", "layernorm"),
-    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t>>", "reductions"),
-    ("triton_red_fused_sum_2", "reductions"),
-    ("triton_poi_fused_add_mul_0", "elementwise"),
-    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
-    ("void vector_fft<32u, 1u, 4u>", "FFT"),
-    ("something_else_entirely", "other"),
-])
-def test_kernel_categories(name, category):
-    assert tp.categorize(name) == category
-
-
 def test_parse_overrides():
     got = tp.parse_overrides("stages=[[4,2],[2,1]], hidden_size=64,mlp_ratio=2.5,time_embed=mlp")
     assert got == {"stages": [[4, 2], [2, 1]], "hidden_size": 64, "mlp_ratio": 2.5, "time_embed": "mlp"}
