@@ -105,7 +105,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     profile_memory: bool = True  # log peak_mem_gib, the peak GPU memory allocated so far (CUDA only)
     # torch.profiler over steps profile_at .. profile_at + profile_steps - 1 (0 = off), every rank:
-    # <run_dir>/profile/step_<first step recorded>/rank<R>.trace.json.gz and rank<R>.txt (time by category)
+    # <run_dir>/profile/step_<first step recorded>/rank<R>.trace.json.gz, rank<R>.txt/.json (time by category)
     profile_at: int = 0
     profile_steps: int = 3
 

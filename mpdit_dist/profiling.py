@@ -8,6 +8,7 @@ official profile so).
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -121,7 +122,7 @@ class TraceWindow:
     Every rank profiles the same steps and writes, under ``<root>/step_<S>`` (S: the first step it
     recorded): ``rank<R>.trace.json.gz``, the trace for Perfetto or ``chrome://tracing`` (each step
     marked ``train_step <N>``, the data wait inside it), and ``rank<R>.txt``, its time by category
-    and top operators (:func:`format_summary`). A run that stops inside the window (preemption, an
+    and top operators (:func:`format_summary`; ``rank<R>.json``: the same as :func:`summarize` returns). A run that stops inside the window (preemption, an
     error) writes what it recorded (:meth:`close`); resumed inside the window, it records the rest
     under the step it resumed at."""
 
@@ -182,6 +183,7 @@ class TraceWindow:
         label = f"{self.steps_label()}, rank {self.rank}"
         text = out / f"rank{self.rank}.txt"
         text.write_text(format_summary(label, self.summary) + "\n")
+        (out / f"rank{self.rank}.json").write_text(json.dumps({"steps": self.steps_label(), **self.summary}, indent=1))
         log.info("profile of %s written to %s in %.1f s", label, out, time.perf_counter() - t0)
         return text
 

@@ -53,8 +53,8 @@ def test_two_ranks_write_a_trace_each_and_rates_leave_profiled_steps_out(tmp_pat
     train(run, npz, ["train.steps=6", "train.ckpt_every=0", "train.log_every=2", "train.profile_at=3",
                      "train.profile_steps=2"], nproc=2)
     out = run / "profile" / "step_00000003"
-    assert sorted(p.name for p in out.iterdir()) == ["rank0.trace.json.gz", "rank0.txt", "rank1.trace.json.gz",
-                                                     "rank1.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.json", "rank0.trace.json.gz", "rank0.txt", "rank1.json",
+                                                     "rank1.trace.json.gz", "rank1.txt"]
     for rank in (0, 1):
         marks, events = _trace_marks(out / f"rank{rank}.trace.json.gz")
         assert marks == {"train_step 3", "train_step 4"}  # exactly the window's steps
@@ -63,6 +63,8 @@ def test_two_ranks_write_a_trace_each_and_rates_leave_profiled_steps_out(tmp_pat
         assert text.startswith(f"profile of steps 3-4, rank {rank} (operator self CPU time")
         # DDP's gradient all-reduce over gloo is found and named
         assert "communication" in text and "matrix products" in text
+        summary = json.loads((out / f"rank{rank}.json").read_text())
+        assert summary["steps"] == "steps 3-4" and summary["categories"]["communication"] > 0
     by_step = {m["step"]: m for m in read_metrics(run)}
     # steps 3 and 4 were profiled: the window logged at step 4 has no steady-state rate to report
     assert by_step[4]["profiled_steps"] == 2 and "img_per_s" not in by_step[4] and "step_time_s" not in by_step[4]
