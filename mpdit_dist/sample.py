@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import math
 import os
-import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -147,7 +149,8 @@ def load_for_sampling(run_dir: Optional[str] = None, checkpoint: Optional[str] =
     if checkpoint and Path(checkpoint).suffix == ".safetensors":
         model, meta = load_exported(checkpoint, attention=attention)
         manifest = meta.get("manifest") or {}
-        return model.to(device), manifest, {"source": checkpoint, "step": meta.get("step"),
+        # resolved, as for a checkpoint directory: the same file named another way is the same source
+        return model.to(device), manifest, {"source": str(Path(checkpoint).resolve()), "step": meta.get("step"),
                                             "config": meta.get("config") or {}}
     model, manifest, info = load_checkpoint_weights(run_dir=run_dir, checkpoint=checkpoint, use_ema=use_ema,
                                                     attention=attention)
@@ -179,10 +182,148 @@ def grid_order(labels: Sequence[int]) -> np.ndarray:
     return np.argsort(np.asarray(labels), kind="stable")
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary file beside ``path``, of this process only (two writers never share one)."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}{path.suffix}")
+
+
+def _remove_tmp_files(path: Path) -> None:
+    """Remove what writers of ``path`` killed mid-write left (``<name>.tmp-*``; ``<name>.tmp.npz`` before)."""
+    for tmp in [*path.parent.glob(glob.escape(path.name) + ".tmp-*"), path.with_name(path.name + ".tmp.npz")]:
+        tmp.unlink(missing_ok=True)
+
+
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """``path`` whole or not at all: a temporary file renamed into place. A failed write (a full disk)
+    removes its temporary file and ends with a message naming ``path``."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SystemExit(f"could not write {path}: {e}; the finished parts are kept, rerun the same command to "
+                             "resume") from e
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def weights_fingerprint(model: torch.nn.Module, manifest: dict[str, Any], normalized: bool) -> str:
+    """A digest of what makes the images besides the sampling options: the architecture (with the
+    attention kernel it runs), every weight, and the decoding (manifest, ``data.normalize``). Parts
+    are resumed only under the same digest: another file exported to the same path, or another
+    checkpoint at the same step, is not the same weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model.args.to_dict(), manifest, normalized], sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+def _lock_parts(parts_dir: Path):
+    """Hold ``<parts>/lock`` for this job (the lock ends with the process, also when it is killed): a
+    second job writing the same ``--out`` at the same time is refused, naming the holder. It would
+    discard or overwrite the first job's parts, and each job would merge the other's parts as its
+    own. Where the file system takes no locks, a warning says that this is not checked."""
+    import fcntl
+
+    handle = open(parts_dir / "lock", "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            print(f"warning: cannot lock {handle.name} ({e}): two jobs sampling into the same --out at once "
+                  "would not be detected", file=sys.stderr)
+            return handle
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise SystemExit(f"another sampling job ({holder}) is writing {parts_dir}: wait for it to end, or give "
+                         "this job another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _setting_changes(old: Optional[dict], new: dict) -> list[str]:
+    """``key: old -> new`` for each setting that differs. Parts recorded with a weights digest are
+    matched on it, not on the path they were loaded from (the same weights moved or named by
+    another path give the same images); parts from before the digest on the path and step alone."""
+    if old is None:
+        return []
+    new = json.loads(json.dumps(new))
+    if "weights" in old:
+        old, new = ({k: v for k, v in d.items() if k != "source"} for d in (old, new))
+    else:
+        new.pop("weights", None)
+    missing = "(unset)"
+    return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in sorted({*old, *new})
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def _prepare_parts(parts_dir: Path, settings: dict) -> None:
+    """Keep the parts of the same settings; discard (saying which settings changed) those of others,
+    and those of unknown settings; record this job's settings."""
+    plan = parts_dir / "settings.json"
+    parts = sorted(parts_dir.glob("part_*.npz"))
+    changes: list[str] = []
+    if plan.is_file():
+        try:
+            changes = _setting_changes(json.loads(plan.read_text()), settings)
+        except (ValueError, OSError) as e:
+            changes = [f"{plan} is unreadable ({e})"]
+    elif parts:
+        changes = [f"{plan} is missing"]
+    if parts and changes:
+        # parts of another job (other settings or checkpoint) must not be mixed into this one
+        print(f"warning: {parts_dir} holds {len(parts)} parts sampled with other settings "
+              f"({'; '.join(changes)}); discarding them, starting afresh", file=sys.stderr)
+        for part in parts:
+            part.unlink()
+    _atomic_write_text(plan, json.dumps(settings, indent=1))
+
+
+def _warn_replacing(out: Path, settings: dict) -> None:
+    """Say at the start, not hours later, that an existing npz of other (or unknown) settings is replaced."""
+    if not out.is_file():
+        return
+    described = out.with_suffix(".json")
+    try:
+        changes = _setting_changes(json.loads(described.read_text()), settings)
+    except (ValueError, OSError):
+        changes = [f"{described} is missing or unreadable"]
+    if changes:
+        print(f"warning: {out} exists, sampled with other settings ({'; '.join(changes)}); this job replaces it "
+              "when it ends", file=sys.stderr)
+
+
+def _part_problem(path: Path, chunk: Sequence[int]) -> Optional[str]:
+    """Why the finished part ``path`` cannot be used for the samples ``chunk`` (None: it can). Read
+    in full: a truncated file, or one with a bad checksum, is found here, not at the merge."""
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises (zip, npy header, missing key)
+        return f"unreadable ({type(e).__name__}: {e})"
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(chunk) or labels.tolist() != list(chunk):
+        return (f"does not hold the planned samples ({len(labels)} labels, images {images.dtype}{list(images.shape)}; "
+                f"planned {len(chunk)})")
+    return None
 
 
 def _parse_classes(ap: argparse.ArgumentParser, text: Optional[str]) -> Optional[list[int]]:
@@ -275,7 +416,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     Part p holds samples [p*B, (p+1)*B) (B = ``--batch-size``) and goes to rank p % world. A
     sample's noise depends only on (seed, its index), and parts have the same shape whatever the
     number of ranks, so 1 rank and N ranks write the same images. Finished parts are kept in
-    ``<out>.parts/``: a rerun of the same command skips them (resumable)."""
+    ``<out>.parts/``: a rerun of the same command skips them (resumable), on any number of ranks,
+    and samples again those it cannot read back whole. Parts of other settings or other weights
+    (by digest) are discarded, naming what changed. Files are written whole or not at all (renamed
+    into place); a second job on the same ``--out`` while one runs is refused (``<out>.parts/lock``)."""
     args, ap = _parse_args(argv)
 
     dist_info = init_distributed("auto" if args.device == "auto" else args.device)
@@ -322,19 +466,45 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
     if args.attention is not None:
         settings["attention"] = args.attention
     parts_dir = out.with_name(out.name + ".parts")
-    if dist_info.is_main:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        plan = parts_dir / "settings.json"
-        if plan.is_file() and json.loads(plan.read_text()) != json.loads(json.dumps(settings)):
-            # parts of another job (other settings or checkpoint) must not be mixed into this one
-            print(f"warning: {parts_dir} holds parts sampled with other settings; starting afresh", file=sys.stderr)
-            shutil.rmtree(parts_dir)
-            parts_dir.mkdir(parents=True)
-        plan.write_text(json.dumps(settings, indent=1))
-    barrier()
+    lock = None
+    try:
+        if dist_info.is_main:
+            settings["weights"] = weights_fingerprint(model, manifest, normalized)
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_parts(parts_dir)  # held to the end: no other job writes these parts or this --out
+            for stale in parts_dir.glob("*.tmp*"):  # of writers killed mid-write (no job writes now)
+                stale.unlink(missing_ok=True)
+            _remove_tmp_files(out)
+            _remove_tmp_files(out.with_suffix(".json"))
+            _prepare_parts(parts_dir, settings)
+            _warn_replacing(out, settings)
+        barrier()
+        _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir, device=device, bf16=bf16,
+                      cfg_scale=cfg_scale, steps=steps, interval=interval, normalized=normalized)
+        barrier()
+        if dist_info.is_main:
+            _write_out(args, out, parts_dir, labels, settings)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir: Path, *, device, bf16, cfg_scale,
+                  steps, interval, normalized) -> None:
+    """This rank's parts that are missing, or that cannot be read back whole (sampled again)."""
     n_parts = math.ceil(len(labels) / args.batch_size)
     mine = [p for p in range(n_parts) if p % dist_info.world_size == dist_info.rank]
-    todo = [p for p in mine if not (parts_dir / f"part_{p:06d}.npz").is_file()]
+    todo = []
+    for p in mine:
+        path = parts_dir / f"part_{p:06d}.npz"
+        if not path.is_file():
+            todo.append(p)
+            continue
+        problem = _part_problem(path, labels[p * args.batch_size:(p + 1) * args.batch_size])
+        if problem:
+            print(f"warning: {path}: {problem}; sampling it again", file=sys.stderr)
+            path.unlink()
+            todo.append(p)
     bar = None
     if dist_info.is_main:
         from tqdm import tqdm
@@ -355,20 +525,25 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
                 bar.update(1)
     if bar is not None:
         bar.close()
-    barrier()
-    if dist_info.is_main:
-        arr, lab = merge_parts(parts_dir, n_parts, len(labels))
-        if lab.tolist() != labels:
-            raise SystemExit(f"parts in {parts_dir} do not match the planned labels; remove the folder and rerun")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_savez(out, arr_0=arr, arr_1=lab)
-        out.with_suffix(".json").write_text(json.dumps(settings, indent=1))
-        grid = Path(args.grid) if args.grid else out.with_suffix(".png")
-        if args.num_per_class is not None:  # one row per class, although the file is shuffled
-            save_grid(arr[grid_order(lab)[:256]], grid, ncol=args.num_per_class)
-        else:
-            save_grid(arr[: min(len(arr), 256)], grid)
-        print(f"wrote {len(arr)} samples to {out} (settings in {out.with_suffix('.json')}), grid {grid}")
+
+
+def _write_out(args, out: Path, parts_dir: Path, labels: list[int], settings: dict) -> None:
+    """The npz from the parts, then its settings file. An older settings file is removed first: a job
+    stopped in between leaves an npz without settings (rerun), never one described by another's."""
+    arr, lab = merge_parts(parts_dir, math.ceil(len(labels) / args.batch_size), len(labels))
+    if lab.tolist() != labels:
+        raise SystemExit(f"parts in {parts_dir} do not match the planned labels; remove the folder and rerun")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    described = out.with_suffix(".json")
+    described.unlink(missing_ok=True)
+    _atomic_savez(out, arr_0=arr, arr_1=lab)
+    _atomic_write_text(described, json.dumps(settings, indent=1))
+    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+    if args.num_per_class is not None:  # one row per class, although the file is shuffled
+        save_grid(arr[grid_order(lab)[:256]], grid, ncol=args.num_per_class)
+    else:
+        save_grid(arr[: min(len(arr), 256)], grid)
+    print(f"wrote {len(arr)} samples to {out} (settings in {described}), grid {grid}")
 
 
 def merge_parts(parts_dir: Path, n_parts: int, total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -379,8 +554,12 @@ def merge_parts(parts_dir: Path, n_parts: int, total: int) -> tuple[np.ndarray, 
     filled = 0
     for p in range(n_parts):
         path = parts_dir / f"part_{p:06d}.npz"
-        with np.load(path) as z:
-            part, part_labels = z["images"], z["labels"]
+        try:
+            with np.load(path) as z:
+                part, part_labels = z["images"], z["labels"]
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file raises
+            raise SystemExit(f"cannot read {path} ({type(e).__name__}: {e}): rerun the same command, a damaged part "
+                             "is sampled again") from e
         if images is None:
             images = np.empty((total, *part.shape[1:]), dtype=part.dtype)
         if filled + len(part) > total or part.shape[1:] != images.shape[1:] or len(part_labels) != len(part):

@@ -37,7 +37,8 @@ def test_other_classes_discard_the_parts_of_an_earlier_job(tmp_path, weights, ca
     (out.with_name(out.name + ".parts") / "part_000002.npz").unlink()  # an interrupted job
     img, lab = _sample(weights, out, "--classes", "4,5")
     assert set(lab.tolist()) <= {4, 5} and len(lab) == 6
-    assert "other settings; starting afresh" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds 2 parts sampled with other settings (classes: [0, 1] -> [4, 5]); discarding them" in err
     assert json.loads(out.with_suffix(".json").read_text())["classes"] == [4, 5]
     # the same samples as a fresh job with those classes
     fresh_img, fresh_lab = _sample(weights, tmp_path / "fresh.npz", "--classes", "4,5")
