@@ -694,14 +694,15 @@ def log_to_mlflow(
 ) -> None:
     """Log the five metrics (``{prefix}fid``, ...) at ``step`` to an existing MLflow run.
 
-    Uses a plain :class:`mlflow.MlflowClient`, so it neither starts nor ends runs and leaves the
+    Uses a plain client (:func:`~mpdit_dist.tracking.open_client`), so it neither starts nor ends runs and leaves the
     process's active run alone. Metrics that are None (precision/recall without reference images)
     are not logged; the bookkeeping goes in as tags.
     """
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    from .tracking import open_client
+
+    client = open_client(tracking_uri)
     now = int(time.time() * 1000)
     values = [
         Metric(prefix + key, float(metrics[key]), now, int(step))

@@ -352,20 +352,19 @@ def set_mlflow_tags(cfg: C.Config, run_dir: Path, tags: dict[str, str], timeout_
     Bounded by a small multiple of ``timeout_s`` (a probe, then one retry at most):
     MLflow's own HTTP defaults retry for many minutes, which at the end of a job would hold its
     allocation, and before a requeue would run into the time limit."""
-    from .tracking import RUN_ID_FILE, bounded_http, probe_http
+    from .tracking import RUN_ID_FILE, bounded_http, open_client, probe_http
 
     id_file = Path(run_dir) / RUN_ID_FILE
     if not tags or not cfg.tracking.enabled or not id_file.exists():
         return False
     try:
         from mlflow.entities import RunTag
-        from mlflow.tracking import MlflowClient
 
         uri = _resolve_tracking_uri(cfg)
         if uri.startswith(("http://", "https://")):
             probe_http(uri, timeout_s)
         with bounded_http(timeout_s):
-            client = MlflowClient(uri)
+            client = open_client(uri)
             run_id = id_file.read_text().strip()
             client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
         return True

@@ -7,7 +7,8 @@
   (``read_metrics``);
 - mirrors metrics, params, tags and artifacts to an MLflow run. The default store is the
   embedded SQLite file ``<results_dir>/mlflow.db`` (nothing to start); ``tracking.uri`` points
-  at any other store (a team's server, a file store). The run id is kept in
+  at any other store (a team's server, a file store). Runs sharing an SQLite file create it
+  one at a time (``store_init_lock``). The run id is kept in
   ``<run_dir>/mlflow_run_id`` so that a resumed job continues the same MLflow run, even when
   the earlier process died and left the run RUNNING.
 
@@ -69,6 +70,93 @@ _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
 def default_tracking_uri(results_dir: str | Path) -> str:
     """The embedded store: ``sqlite:///<absolute results_dir>/mlflow.db``."""
     return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Optional[Path]:
+    """The database file of an ``sqlite:///`` URI (absolute or relative), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextmanager
+def store_init_lock(tracking_uri: str, timeout_s: float = 120.0) -> Iterator[None]:
+    """Hold ``<db>.init.lock`` (a ``flock``) while an SQLite store is opened.
+
+    MLflow creates the tables of a new SQLite store, and runs its schema migrations, in
+    whichever process opens it first, without any lock: two processes opening a fresh
+    ``mlflow.db`` at once (the points of a scaling study, several runs started together in one
+    results dir) fail with errors such as "duplicate column name" or "table
+    _alembic_tmp_latest_metrics already exists", and can leave the store half-migrated, unusable
+    by every later run. A process that finds no database (or an empty file) takes the lock
+    exclusively and creates the store; one that finds a database takes it shared: it waits
+    only while a store is being created, and processes opening an existing store do not wait
+    for each other. Other URIs, and file systems without ``flock``, are not locked. Raises
+    TimeoutError if another process holds the lock for more than ``timeout_s``.
+    """
+    db = sqlite_path(tracking_uri)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = db.with_name(db.name + ".init.lock")
+    with open(lock_path, "a") as f:
+        locked = _flock(f, lambda: _no_store(db), time.monotonic() + timeout_s, lock_path,
+                        timeout_s)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _no_store(db: Path) -> bool:
+    try:
+        return db.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+def _flock(f, exclusive: Callable[[], bool], deadline: float, path: Path, timeout_s: float) -> bool:
+    """Lock ``f`` with ``flock``: exclusively while ``exclusive()`` (no store yet), else shared.
+
+    ``exclusive()`` is asked again at each try: MLflow writes the database file only while its
+    creator holds the lock exclusively, so a process that finds a database waits only for that
+    creator, not for the others that were also waiting to create it. Polls until ``deadline``
+    (TimeoutError); False where the file system has no flock.
+    """
+    import fcntl
+
+    while True:
+        want_exclusive = exclusive()
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if want_exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another process has held {path} for over {timeout_s:g}s "
+                                   f"while opening the MLflow store") from None
+            time.sleep(0.05)
+            continue
+        except OSError as exc:  # no flock on this file system (some Lustre mounts)
+            logger.debug("cannot lock %s (%s); opening the store unlocked", path, exc)
+            return False
+        if not want_exclusive or exclusive():
+            return True
+        # another process created the store while this one waited: hold the lock shared only
+
+
+def open_client(tracking_uri: str):
+    """An ``MlflowClient`` on ``tracking_uri``; an SQLite store is opened (created if new) under
+    ``store_init_lock`` so that processes starting together do not race to create it."""
+    from mlflow.tracking import MlflowClient
+
+    with store_init_lock(tracking_uri):
+        return MlflowClient(tracking_uri=tracking_uri)  # opens the store (creates its tables)
 
 
 def ui_command(tracking_uri: str, port: int = 5000) -> str:
@@ -397,10 +485,9 @@ class Tracker:
         if uri.startswith(("http://", "https://")):
             probe_http(uri, probe_timeout_s)
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         with bounded_http(probe_timeout_s):
-            client = MlflowClient(tracking_uri=uri)
+            client = open_client(uri)
             run = self._resume_run(client)
             if run is None:
                 experiment_id = self._experiment_id(client, MlflowException)

@@ -146,9 +146,11 @@ def summarize_point(records: list[dict[str, Any]], *, warmup: int, total_steps: 
     if missing:
         raise ValueError(f"metrics lack {len(missing)} of {total_steps} steps (first {missing[:5]}): "
                          "the run did not finish, or was not logged every step")
-    measured = [by_step[s] for s in range(warmup + 1, total_steps + 1)]
+    # a step under train.profile_at's profiler logs no rate (the profiler slows it): left out
+    measured = [by_step[s] for s in range(warmup + 1, total_steps + 1) if "step_time_s" in by_step[s]]
     if not measured:
-        raise ValueError(f"no steps after the {warmup} warm-up steps (total {total_steps})")
+        raise ValueError(f"no timed steps after the {warmup} warm-up steps (total {total_steps}; "
+                         "profiled steps have no rate)")
     times = [float(r["step_time_s"]) for r in measured]
     mean_t = sum(times) / len(times)
     img_s = global_batch / mean_t
@@ -386,6 +388,25 @@ def gather_point(study: Study, p: Point) -> tuple[Optional[dict[str, Any]], str]
     return summary, "done"
 
 
+def prepare_tracking_store(cfg: C.Config, echo=print) -> None:
+    """Create the points' SQLite MLflow store now, before their jobs can start together.
+
+    The trainer already serializes store creation with a lock file next to the database, but a
+    file system without ``flock`` across nodes (some Lustre mounts) would let the points race
+    to create a fresh store. Other URIs, or a failure here (a warning), change nothing."""
+    if not cfg.tracking.enabled:
+        return
+    from mpdit_dist.tracking import default_tracking_uri, open_client, sqlite_path
+
+    uri = cfg.tracking.uri or default_tracking_uri(cfg.results_dir)
+    if sqlite_path(uri) is None:
+        return
+    try:
+        open_client(uri)
+    except Exception as exc:  # noqa: BLE001 - tracking never stops a study; each run warns too
+        echo(f"warning: could not open the MLflow store {uri}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
 def submit_study(study: Study, echo=print) -> list:
     """Submit every point that is neither done nor queued/running; returns the new jobs."""
     from mpdit_dist import launch
@@ -411,6 +432,8 @@ def submit_study(study: Study, echo=print) -> list:
                 n += 1
             d.rename(d.with_name(f"{d.name}.attempt-{n}"))
             echo(f"{p.name}: earlier attempt ({state}) moved to {d.name}.attempt-{n}")
+        if not jobs:
+            prepare_tracking_store(cfg, echo)
         job = launch.submit(cfg, d, resume="auto", echo=None)
         d.mkdir(parents=True, exist_ok=True)
         (d / JOB_FILE).write_text(json.dumps({"job_id": str(job.job_id), "cluster": cfg.launch.cluster,
@@ -435,9 +458,8 @@ def log_to_mlflow(study: Study, rows: list[dict[str, Any]]) -> int:
             continue
         try:
             from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
 
-            from mpdit_dist.tracking import bounded_http, default_tracking_uri, probe_http
+            from mpdit_dist.tracking import bounded_http, default_tracking_uri, open_client, probe_http
 
             uri = cfg.tracking.uri or default_tracking_uri(cfg.results_dir)
             if uri.startswith(("http://", "https://")):
@@ -448,7 +470,7 @@ def log_to_mlflow(study: Study, rows: list[dict[str, Any]]) -> int:
                 "img_per_s", "img_per_s_per_gpu", "step_time_ms", "data_wait_ms", "mfu", "peak_mem_gib", "speedup",
                 "scaling_efficiency") if r.get(key) is not None]
             with bounded_http(5.0):
-                MlflowClient(uri).log_batch(run_id, metrics=metrics)
+                open_client(uri).log_batch(run_id, metrics=metrics)
             if not set_mlflow_tags(cfg, d, {"study": study.name, "study_point": r["point"],
                                             "study_backend": r["backend"], "study_gpus": str(r["gpus"]),
                                             "study_mode": r["mode"]}):

@@ -79,8 +79,18 @@ def test_summary_prefers_trainer_mfu_and_reports_peak_memory():
 def test_summary_refuses_unfinished_runs():
     with pytest.raises(ValueError, match="lack 2 of 6 steps"):
         study.summarize_point(records([1.0] * 4), warmup=1, total_steps=6, global_batch=8, gpus=1)
-    with pytest.raises(ValueError, match="no steps after"):
+    with pytest.raises(ValueError, match="no timed steps after"):
         study.summarize_point(records([1.0] * 2), warmup=2, total_steps=2, global_batch=8, gpus=1)
+
+
+def test_summary_leaves_profiled_steps_out():
+    # a point run with train.profile_at=4 (2 steps): those steps log no rate, and are not counted
+    recs = records([5.0, 0.2, 0.2, 0.0, 0.0, 0.2])
+    for r in recs[3:5]:
+        del r["step_time_s"], r["data_wait_frac"]
+    recs[4]["profiled_steps"] = 2
+    s = study.summarize_point(recs, warmup=1, total_steps=6, global_batch=8, gpus=1)
+    assert s["steps"] == 3 and s["step_time_ms"] == pytest.approx(200.0)
 
 
 def _row(backend, gpus, img_s):
