@@ -18,8 +18,11 @@ unconditionally.
 MLflow is optional at run time: tracking switched off, a server that cannot be reached or a
 store that fails gives exactly one warning and training goes on with ``metrics.jsonl``. After
 start-up nothing MLflow does raises into the training loop: MLflow calls run on a background
-thread (a slow server or a SQLite commit never stalls a step), and the first failure there
-switches MLflow off for the rest of the run with one warning. The thread is ours rather than
+thread (a slow server or a SQLite commit never stalls a step); a call that fails is tried again
+for about 20 s, and one that still fails switches MLflow off for the rest of the run with one
+warning. Each start of a run adds to its MLflow run the metric values of ``metrics.jsonl`` that
+MLflow lacks, so a run whose MLflow logging failed is complete again after its next start
+(a requeue, a resume, or the same command once more after the end). The thread is ours rather than
 MLflow's own async logging because we need the failure policy above, artifacts on the same
 ordered queue, and a bounded flush on ``close``.
 """
@@ -202,6 +205,28 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def missing_metrics(client, run_id: str, records: list[dict[str, Any]]) -> tuple[list, int]:
+    """The values of ``records`` (:func:`read_metrics`) that the MLflow run lacks, as MLflow
+    ``Metric`` entities (one per metric and step, stamped with the record's time), and how many
+    metrics they belong to. Values that were not finite (``null`` in the file) or not numbers are
+    left out, as the tracker leaves non-numbers out."""
+    from mlflow.entities import Metric
+
+    keys = sorted({k for r in records for k in r if k not in _RESERVED_KEYS})
+    missing: list = []
+    short_of = 0
+    for key in keys:
+        mkey = _mlflow_key(key)
+        logged = {m.step for m in client.get_metric_history(run_id, mkey)}
+        before = len(missing)
+        for r in records:
+            number = _mlflow_value(r.get(key))
+            if number is not None and int(r["step"]) not in logged:
+                missing.append(Metric(mkey, number, int(float(r.get("time") or 0) * 1000), int(r["step"])))
+        short_of += len(missing) > before
+    return missing, short_of
+
+
 def _scalar(value: Any) -> Any:
     """torch / numpy scalars -> Python numbers; anything else unchanged."""
     item = getattr(value, "item", None)
@@ -267,6 +292,12 @@ def _git_commit(path: Path) -> Optional[str]:
 # --------------------------------------------------------------------------- background worker
 
 _STOP = object()
+# pauses between the tries of a failed MLflow call before MLflow is switched off (a store held
+# locked past SQLite's 20 s busy timeout, a server restarting); ~20 s in all, on the worker thread
+_RETRY_PAUSES_S = (1.0, 4.0, 15.0)
+# MlflowException codes that no retry changes (a request the store refuses)
+_PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+                     "PERMISSION_DENIED", "UNAUTHENTICATED")
 
 
 class _Metrics:
@@ -279,7 +310,10 @@ class _Metrics:
 
 
 class _MlflowWorker:
-    """Runs MLflow calls in order on a daemon thread; the first failure switches MLflow off."""
+    """Runs MLflow calls in order on a daemon thread. A call that fails is tried again after
+    pauses (``_RETRY_PAUSES_S``); one that still fails switches MLflow off for the rest of the
+    run. What is skipped then is counted (calls, and metric values: ``metrics.jsonl`` has them,
+    and the run's next start adds them to MLflow, :func:`missing_metrics`)."""
 
     def __init__(self, client, run_id: str, describe: str, jsonl: Path):
         self._client = client
@@ -289,6 +323,7 @@ class _MlflowWorker:
         self._queue: queue.Queue = queue.Queue()
         self.failed = False
         self.dropped = 0
+        self.dropped_values = 0  # metric values among the dropped calls
         self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
@@ -321,18 +356,29 @@ class _MlflowWorker:
                 op = (lambda m=metrics: self._client.log_batch(self._run_id, metrics=m))
             else:
                 op = item
+            if not self.failed:
+                self._run(op)
             if self.failed:
                 self.dropped += 1
-                continue
+                if isinstance(item, _Metrics):
+                    self.dropped_values += len(metrics)
+
+    def _run(self, op: Callable[[], None]) -> None:
+        for pause in (*_RETRY_PAUSES_S, None):
             try:
                 op()
+                return
             except Exception as exc:  # noqa: BLE001 - any failure of the store ends MLflow logging
-                self.failed = True
-                self.dropped += 1
-                logger.warning(
-                    "MLflow logging to %s failed (%s: %s); MLflow tracking is off for the rest "
-                    "of this run, metrics continue in %s", self._describe, type(exc).__name__,
-                    _truncate(str(exc), 300), self._jsonl)
+                if pause is None or getattr(exc, "error_code", None) in _PERMANENT_ERRORS:
+                    self.failed = True
+                    logger.warning(
+                        "MLflow logging to %s failed (%s: %s); MLflow tracking is off for the rest "
+                        "of this run, metrics continue in %s (the run's next start adds them to MLflow)",
+                        self._describe, type(exc).__name__, _truncate(str(exc), 300), self._jsonl)
+                    return
+                logger.info("MLflow call to %s failed (%s: %s); trying again in %gs", self._describe,
+                            type(exc).__name__, _truncate(str(exc), 200), pause)
+                time.sleep(pause)
 
     def close(self, timeout: float) -> bool:
         """Flush and stop; False if the thread was still busy after ``timeout`` seconds."""
@@ -454,6 +500,9 @@ class Tracker:
             return
         self.run_id, self.experiment_id = run_id, experiment_id
         self._worker = _MlflowWorker(client, run_id, self.tracking_uri, self.metrics_path)
+        if self.metrics_path.stat().st_size > 0:  # records of earlier starts of this run
+            records = read_metrics(self.metrics_path)
+            self._worker.submit(lambda: self._add_missing_metrics(client, run_id, records))
         if console:
             print(f"MLflow run {run_id} (experiment '{cfg.experiment}') in {self.tracking_uri}",
                   flush=True)
@@ -514,6 +563,16 @@ class Tracker:
             self._log_params_now(client, run_id, param_entities)
             self._set_tags_now(client, run_id, tags)
         return client, run_id, experiment_id
+
+    def _add_missing_metrics(self, client, run_id: str, records: list[dict[str, Any]]) -> None:
+        """Worker thread: the values of earlier starts that never reached MLflow (it was off,
+        unreachable or failed then), from ``metrics.jsonl``."""
+        missing, keys = missing_metrics(client, run_id, records)
+        for i in range(0, len(missing), _MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=missing[i:i + _MAX_METRICS_PER_BATCH])
+        if missing:
+            logger.warning("MLflow run %s lacked %d value(s) of %d metric(s) that %s holds (logged while MLflow "
+                           "was off or failing); added them", run_id, len(missing), keys, self.metrics_path)
 
     def _resume_run(self, client):
         """The run named in ``<run_dir>/mlflow_run_id``, or None to start a new one."""
@@ -718,7 +777,9 @@ class Tracker:
                 logger.warning("MLflow still busy after %.0fs; %d queued call(s) abandoned "
                                "(metrics.jsonl is complete)", wait_s, self._worker.pending())
             elif self._worker.dropped:
-                logger.info("%d MLflow call(s) skipped after the failure", self._worker.dropped)
+                logger.info("%d MLflow call(s) skipped after the failure (%d metric value(s); %s has them, "
+                            "and the run's next start adds them to MLflow)", self._worker.dropped,
+                            self._worker.dropped_values, self.metrics_path)
         if self._file is not None:
             try:
                 self._file.close()

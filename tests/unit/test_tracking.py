@@ -323,3 +323,59 @@ def test_close_waits_at_most_the_given_time_for_a_busy_store(tmp_path, caplog):
     assert time.monotonic() - t0 < 5
     assert any("still busy after" in r.getMessage() for r in _warnings(caplog)), caplog.records
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_values_mlflow_missed_are_added_at_the_next_start(results_dir, client, tmp_path, caplog):
+    """A store that cannot be opened at the first start (here its folder is a file): the run
+    goes on with metrics.jsonl only. The next start, with the store back, puts every value
+    MLflow lacks into the run (once: a third start adds nothing)."""
+    run_dir, store = tmp_path / "run", tmp_path / "store"
+    store.write_text("not a folder")
+    cfg = TrackingConfig(experiment="unit", uri=f"sqlite:///{store}/mlflow.db")
+    with Tracker(cfg, run_dir, rank=0, results_dir=results_dir, console=False) as first:
+        assert first.run_id is None  # unavailable: one warning, metrics.jsonl only
+        for step in (1, 2, 3):
+            first.log_metrics({"loss": 1.0 / step, "img_per_s": 10.0 * step, "note": "text"}, step=step)
+    store.unlink()
+    store.mkdir()
+    caplog.clear()
+    from mlflow.tracking import MlflowClient
+
+    other = MlflowClient(tracking_uri=cfg.uri)
+    with Tracker(cfg, run_dir, rank=0, results_dir=results_dir, console=False) as second:
+        run_id = second.run_id
+        assert run_id is not None
+        second.log_metrics({"loss": 0.2, "img_per_s": 40.0}, step=4)
+    assert _history(other, run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 0.2)]
+    assert _history(other, run_id, "img_per_s") == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 40.0)]
+    added = [r.getMessage() for r in _warnings(caplog) if "lacked" in r.getMessage()]
+    assert len(added) == 1 and "lacked 6 value(s) of 2 metric(s)" in added[0], added
+    caplog.clear()
+    with Tracker(cfg, run_dir, rank=0, results_dir=results_dir, console=False) as third:
+        assert third.run_id == run_id
+    assert _history(other, run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 0.2)]  # nothing twice
+    assert not [r for r in _warnings(caplog) if "lacked" in r.getMessage()]
+
+
+def test_a_failed_call_is_tried_again_before_mlflow_is_switched_off(results_dir, client, tmp_path, monkeypatch):
+    """A store or server that fails for a moment (a lock held past SQLite's busy timeout, a
+    restart) costs nothing: the call is tried again after a pause, and logging goes on."""
+    from mpdit_dist import tracking
+
+    monkeypatch.setattr(tracking, "_RETRY_PAUSES_S", (0.05, 0.05, 0.05))
+    tracker = Tracker(TrackingConfig(experiment="unit"), tmp_path / "flaky", rank=0, results_dir=results_dir,
+                      console=False)
+    tries = []
+
+    def flaky():  # fails twice, as a store that is busy for a moment
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise ConnectionError("store busy")
+
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker._worker.submit(flaky)
+    tracker.log_metrics({"loss": 2.0}, step=2)
+    assert tracker.flush(timeout=60) and tracker.mlflow_active and len(tries) == 3
+    run_id = tracker.run_id
+    tracker.close()
+    assert _history(client, run_id, "loss") == [(1, 1.0), (2, 2.0)]
