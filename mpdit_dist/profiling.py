@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -148,6 +149,10 @@ class TraceWindow:
         if self._prof is None:
             from torch.profiler import profile
 
+            if self.device.type != "cuda":
+                # a CUDA build of torch on a machine without GPUs: kineto would print an "ERROR"
+                # that its GPU count failed, on every rank (a user's own level is kept)
+                os.environ.setdefault("KINETO_LOG_LEVEL", "5")
             self._sync()
             self.started_at, self.steps_recorded = step, 0
             self._prof = profile(activities=activities(self.device))
