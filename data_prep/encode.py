@@ -33,7 +33,16 @@ uninterrupted run.
 Who writes ``manifest.json``: every process, after finishing its shards, checks whether all shard
 records exist; the one that finds them all (the last to finish) merges the MDS index and writes
 the manifest (identical content whoever does it; written atomically). ``--finalize`` does only
-that step, e.g. as a job that depends on a SLURM array.
+that step, e.g. as a job that depends on a SLURM array. Finalizers take turns (``flock`` of
+``parts/.finalize.lock``); the one whose turn it is removes what killed processes left that no
+shard claim removes: merge directories and manifest temp files of killed finalizers, and the lock
+files of claims whose holder died after committing its shard.
+
+A rerun with other settings (``--resolution``, ``--vae`` or other weights under the same name,
+``--formats``, ``--samples-per-shard``, ``--flip``, ``--store``, or an ImageFolder whose listing
+changed) is refused before anything is written, naming ``encode_config.json`` and each setting; the
+number of processes and ``--batch-size`` may change. ``--verify`` names the shard records to delete
+to re-encode a damaged shard.
 
 Bad images (unreadable, broken symlinks, and images whose latent is not finite in fp16: reason
 ``non-finite latent``) are skipped, listed in the manifest (path and reason) and counted in the
@@ -48,14 +57,17 @@ sizes, at first open, and the index's order).
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -324,31 +336,23 @@ def _shard_temps(out: Path, shard_id: int) -> list[Path]:
 _NO_FLOCK_WARNED: list[str] = []
 
 
-def _claim_shard(out: Path, shard_id: int) -> Optional[int]:
-    """An exclusive claim on one shard (``flock`` of ``parts/.part-XXXXXX.lock``): the open fd, or None
-    if another process holds it. The kernel drops the lock when its holder dies, so a killed run
-    leaves no stale claim. The holder removes the lock file once the shard is committed; a process
-    that locked the removed file sees a different inode at the path and tries again. Where the file
-    system has no flock, every claim succeeds, with one warning.
+def _flock(path: Path, blocking: bool) -> Optional[int]:
+    """An exclusive ``flock`` of the lock file ``path``: the open fd, or None if another process holds
+    it (``blocking=False``). The kernel drops the lock when its holder dies, so a killed run leaves no
+    stale lock. A holder may remove the file while holding it; a process that locked the removed file
+    sees a different inode at the path and tries again. Raises ``OSError`` (fd closed) where the file
+    system has no flock.
     """
-    path = out / mf.PARTS_DIR / f".{mf.part_name(shard_id)}.lock"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return None
-        except OSError as exc:
-            # a file system without flock (some NFS and Lustre mounts): the claims cannot be taken, so
-            # shards are not protected from a second process running the same command at once (the
-            # rename of a half-written file then fails loudly). Say so once and go on unprotected.
-            if not _NO_FLOCK_WARNED:
-                _NO_FLOCK_WARNED.append(str(path))
-                print(f"warning: {path}: flock is not supported here ({exc}); shards are not claimed, so do "
-                      f"not run two encodes of the same --out at once (Lustre: mount with -o flock)",
-                      file=sys.stderr)
-            return fd
+        except OSError:
+            os.close(fd)
+            raise
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -356,6 +360,29 @@ def _claim_shard(out: Path, shard_id: int) -> Optional[int]:
         if same:
             return fd
         os.close(fd)
+
+
+def _warn_no_flock(path: Path, exc: OSError) -> None:
+    # a file system without flock (some NFS and Lustre mounts): the claims cannot be taken, so
+    # shards are not protected from a second process running the same command at once (the
+    # rename of a half-written file then fails loudly). Say so once and go on unprotected.
+    if not _NO_FLOCK_WARNED:
+        _NO_FLOCK_WARNED.append(str(path))
+        print(f"warning: {path}: flock is not supported here ({exc}); shards are not claimed, so do "
+              f"not run two encodes of the same --out at once (Lustre: mount with -o flock)", file=sys.stderr)
+
+
+def _claim_shard(out: Path, shard_id: int) -> Optional[int]:
+    """An exclusive claim on one shard (``flock`` of ``parts/.part-XXXXXX.lock``, see :func:`_flock`):
+    the open fd, or None if another process holds it. The holder removes the lock file once the
+    shard is committed. Where the file system has no flock, every claim succeeds, with one warning.
+    """
+    path = out / mf.PARTS_DIR / f".{mf.part_name(shard_id)}.lock"
+    try:
+        return _flock(path, blocking=False)
+    except OSError as exc:
+        _warn_no_flock(path, exc)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def _release_shard(out: Path, shard_id: int, fd: int) -> None:
@@ -422,6 +449,56 @@ def _class_counts(samples: list[dict[str, Any]]) -> dict[str, int]:
 # -------------------------------------------------------------------------------------- finalize
 
 
+# which setting (flag) each recorded configuration key comes from, for the mismatch message
+_SETTINGS = {"resolution": "--resolution", "samples_per_shard": "--samples-per-shard", "formats": "--formats",
+             "flip": "--flip", "store": "--store", "encoder": "--vae", "encoder_weights_sha256": "--vae",
+             "class_names": "--images", "num_images": "--images", "images_sha256": "--images"}
+# keys recorded only by later versions: not compared when the recorded configuration lacks them
+_ADDED_KEYS = ("encoder_weights_sha256",)
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings that differ, as the user gives them (``--samples-per-shard 4 -> 5``)."""
+    diff = sorted(k for k in set(old) | set(new) if k != "skipped_files" and old.get(k) != new.get(k)
+                  and not (k in _ADDED_KEYS and k not in old))
+    # latent_shape and num_shards follow from the settings: named only if no setting explains them
+    # (and store, where the encoder changed: identity has no posterior, so it always stores samples)
+    derived = ("latent_shape", "num_shards") + (("store",) if "encoder" in diff else ())
+    if any(k not in derived for k in diff):
+        diff = [k for k in diff if k not in derived]
+    shown = []
+    for k in diff:
+        a, b = old.get(k), new.get(k)
+        if k == "formats":
+            shown.append(f"--formats {','.join(a or [])} -> {','.join(b or [])}")
+        elif k == "flip":
+            shown.append(f"--flip {'on' if a else 'off'} -> {'on' if b else 'off'}")
+        elif k == "encoder":
+            a, b = a or {}, b or {}
+            if a.get("id") != b.get("id"):
+                shown.append(f"--vae {a.get('id')} -> {b.get('id')}")
+            else:
+                sub = ", ".join(f"{j}: {a.get(j)!r} -> {b.get(j)!r}" for j in sorted(set(a) | set(b))
+                                if a.get(j) != b.get(j))
+                shown.append(f"--vae {b.get('id')}: the encoder differs ({sub})")
+        elif k == "encoder_weights_sha256":
+            shown.append(f"--vae {new['encoder'].get('id')}: other weights under the same name "
+                         f"(sha256 {str(a)[:12]}... -> {str(b)[:12]}...)")
+        elif k in ("class_names", "images_sha256", "num_images"):
+            if not any(t.startswith("--images") for t in shown):
+                na, nb = old.get("num_images"), new.get("num_images")
+                what = f"{na} -> {nb} images" if na != nb else f"{nb} images, but other names or sizes"
+                ca, cb = old.get("class_names") or [], new.get("class_names") or []
+                if ca != cb:
+                    what += f", classes {len(ca)} -> {len(cb)}" if len(ca) != len(cb) else ", other class names"
+                shown.append(f"--images: the image listing differs ({what})")
+        elif k in _SETTINGS:
+            shown.append(f"{_SETTINGS[k]} {a} -> {b}")
+        else:
+            shown.append(f"{k}: {a!r} -> {b!r}")
+    return shown
+
+
 def _check_config(out: Path, config: dict[str, Any]) -> None:
     """Record ``config`` as the output's configuration, or check that it equals the recorded one.
 
@@ -443,13 +520,13 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         raise ConfigMismatch(f"{path}: not valid JSON ({exc}); use an empty output directory") from None
     # skipped_files is information, not configuration: stray or hidden files (.nfs*, .DS_Store) come
     # and go between reruns and ranks without changing the images, and older outputs lack the key
-    diff = sorted(k for k in set(old) | set(config) if k != "skipped_files" and old.get(k) != config.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff if k != "images_sha256")
-        if "images_sha256" in diff:
-            detail += (", " if detail else "") + "the input image listing differs"
-        raise ConfigMismatch(f"--out {out} holds shards of a different configuration ({detail}); "
-                             f"use another --out or the same settings")
+    shown = _config_differences(old, config)
+    if shown:
+        done = len(list((out / mf.PARTS_DIR).glob("part-*.json")))
+        raise ConfigMismatch(
+            f"--out {out} was started with other settings ({path} records them; {done} of "
+            f"{old.get('num_shards')} shards done): {'; '.join(shown)}. Nothing was written: run with the "
+            f"recorded settings to resume, or give another --out (or empty this one) to start over")
 
 
 def _read_records(out: Path, config: dict[str, Any], quiet: bool) -> Optional[list[dict[str, Any]]]:
@@ -496,6 +573,45 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
         first = f"; the first: {failures[0]['path']}: {failures[0]['reason']}" if failures else ""
         raise ValueError(f"{out}: every image failed ({len(failures)} of {config['num_images']}{first}); "
                          f"all are listed in {out / mf.PARTS_DIR}/*.json")
+    # one finalizer at a time (ranks finishing together wait a moment): the holder knows that every
+    # temp file of a finalizer is a killed one's, and removes them with the claims' lock files
+    lock_path = out / mf.PARTS_DIR / ".finalize.lock"
+    try:
+        lock = _flock(lock_path, blocking=True)
+    except OSError:
+        lock = None  # no flock here: finalizers may run at once, so only this process's leftovers go
+    try:
+        _remove_leftovers(out, everyone=lock is not None)
+        return _write_manifest(out, config, records, nonempty)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # a failed write (a full disk) names no file
+            raise OSError(exc.errno, f"{exc.strerror}: writing {out / mf.MANIFEST} or the merged MDS index "
+                                     f"(merged first under {tempfile.gettempdir()})") from exc
+        raise
+    finally:
+        lock_path.unlink(missing_ok=True)  # (a waiting finalizer then finds another inode and tries again)
+        if lock is not None:
+            os.close(lock)
+
+
+def _remove_leftovers(out: Path, everyone: bool) -> None:
+    """Remove what killed processes left that no rerun would otherwise remove: a finalizer's merge
+    directory (``mds/.merge-<host>-<pid>``) and manifest temp file, and the lock files of shard
+    claims whose holder died after committing. Every shard is committed when this runs, so no claim
+    is in use; ``everyone=False`` (no finalize lock): only this process's own merge directory (one
+    left by an earlier process of the same host and pid, e.g. a restarted container), which would
+    otherwise stop the merge ("Destination path ... already exists")."""
+    mine = out / mf.MDS_DIR / f".merge-{mf.temp_tag()}"
+    stale = [mine] if mine.exists() else []
+    if everyone:
+        stale = sorted((out / mf.MDS_DIR).glob(".merge-*")) if (out / mf.MDS_DIR).is_dir() else []
+        stale += sorted(out.glob(f".{mf.MANIFEST}.*.tmp")) + sorted((out / mf.PARTS_DIR).glob(".part-*.lock"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _write_manifest(out: Path, config: dict[str, Any], records: list[dict[str, Any]],
+                    nonempty: list[dict[str, Any]]) -> dict[str, Any]:
     mds_index_sha256 = None
     if "mds" in config["formats"]:
         from streaming.base.util import merge_index
@@ -600,9 +716,9 @@ def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels
         "images_sha256": None,
     }
     out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
     for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
         (out / d).mkdir(exist_ok=True)
-    _check_config(out, config)
     for s in range(num_shards):
         lo, hi = s * samples_per_shard, min(n, (s + 1) * samples_per_shard)
         stored = {f: _to_fp16(latents[f][lo:hi]) for f in fields}
@@ -671,10 +787,13 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
         "num_shards": num_shards, "images_sha256": listing_sha256(classes, entries),
         "skipped_files": skipped,
     }
+    weights = encoder.weights_sha256()
+    if weights is not None:
+        config["encoder_weights_sha256"] = weights
     out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
     for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
         (out / d).mkdir(exist_ok=True)
-    _check_config(out, config)
 
     mine = [s for s in range(num_shards) if s % world_size == rank]
     todo = [s for s in mine if not (out / mf.PARTS_DIR / f"{mf.part_name(s)}.json").is_file()]
@@ -702,6 +821,10 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
                                        store=store, flip=flip, pool=pool, strict=strict, progress=bar)
                 rec = _commit_shard(out, s, result, formats, fields, encoder.latent_shape, chunk[0].index,
                                     len(chunk), kill_now=(written == kill_after))
+            except OSError as exc:
+                if exc.filename is None and exc.errno is not None:  # a failed write (a full disk) names no file
+                    raise OSError(exc.errno, f"{exc.strerror}: writing shard {s} under {out}") from exc
+                raise
             finally:
                 _release_shard(out, s, claim)
             written += 1
@@ -722,6 +845,23 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     if manifest:
         summary.update(dataset_samples=manifest["num_samples"], dataset_failed=manifest["num_failed"])
     return summary
+
+
+def _repair_hint(out: Path, problems: str) -> str:
+    """What to do about the problems ``--verify`` found: re-encode the shards with a damaged file."""
+    shards = set()
+    for line in problems.splitlines():
+        m = re.search(rf"/(?:{mf.WDS_DIR}/shard-|{mf.MDS_DIR}/part-)(\d{{6}})\b", line.partition(": ")[0])
+        if m:
+            shards.add(int(m.group(1)))
+    hint = []
+    if shards:
+        records = " ".join(str(out / mf.PARTS_DIR / f"{mf.part_name(s)}.json") for s in sorted(shards))
+        hint.append(f"to re-encode the {len(shards)} damaged shards, delete their records ({records}) and run "
+                    f"the encode command again, then --verify")
+    if f"{mf.MDS_DIR}/index.json:" in problems and "--finalize" not in problems:
+        hint.append(f"`python -m data_prep.encode --out {out} --finalize` writes the merged MDS index again")
+    return "; ".join(hint)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -748,7 +888,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.verify:
-            n = mf.verify_checksums(args.out)
+            try:
+                n = mf.verify_checksums(args.out)
+            except ValueError as exc:
+                hint = _repair_hint(Path(args.out), str(exc))
+                raise ValueError(f"{exc}\n{hint}" if hint else str(exc)) from None
             print(json.dumps({"verified_files": n, "dataset": str(args.out)}))
             return 0
         if args.finalize:
@@ -767,6 +911,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  workers=args.workers, device=args.device)
     except (BadImage, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print("the disk (or quota) is full: free space and run the same command again (finished shards "
+                  "are kept; temp files of unfinished ones are removed)", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

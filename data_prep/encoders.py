@@ -56,6 +56,9 @@ class IdentityEncoder:
     def describe(self) -> dict[str, Any]:
         return {"id": "identity", "type": "identity", "scaling_factor": 1.0}
 
+    def weights_sha256(self) -> Optional[str]:
+        return None  # no weights
+
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, Optional[np.ndarray]]:
         return images.numpy().astype(np.float32), None
 
@@ -103,6 +106,13 @@ class VAEEncoder:
     def describe(self) -> dict[str, Any]:
         return {"id": self.spec, "type": "AutoencoderKL", "scaling_factor": self.scaling_factor,
                 "config": self.config, "dtype": str(self.dtype).replace("torch.", "")}
+
+    def weights_sha256(self) -> str:
+        """The same ``--vae`` path or id holding other weights (a directory overwritten, a newer cache
+        snapshot) gives another digest."""
+        from mpdit_dist.export import weights_sha256
+
+        return weights_sha256(self.vae)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, Optional[np.ndarray]]:

@@ -9,12 +9,14 @@ manifest and where it came from. Nothing here unpickles code: safetensors, DCP t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import CheckpointManager, verify
@@ -41,6 +43,18 @@ def inference_attention(saved: str, override: Optional[str] = None, source: str 
                     "using attention='auto' (SDPA) instead", source)
         return "auto"
     return saved
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights as loaded: each tensor's name, dtype, shape and bytes, in name
+    order. What tells apart two sets of weights found under the same path or name (a file exported
+    again, a VAE directory overwritten, a newer cache snapshot)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _resolve_checkpoint(run_dir: Optional[str], checkpoint: Optional[str]) -> Path:

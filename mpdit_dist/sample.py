@@ -224,12 +224,11 @@ def weights_fingerprint(model: torch.nn.Module, manifest: dict[str, Any], normal
     attention kernel it runs), every weight, and the decoding (manifest, ``data.normalize``). Parts
     are resumed only under the same digest: another file exported to the same path, or another
     checkpoint at the same step, is not the same weights."""
+    from .export import weights_sha256
+
     h = hashlib.sha256()
     h.update(json.dumps([model.args.to_dict(), manifest, normalized], sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(weights_sha256(model).encode())
     return h.hexdigest()[:32]
 
 

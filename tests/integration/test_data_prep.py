@@ -140,10 +140,13 @@ def test_strict_and_input_errors(images, tmp_path):
         encode_dataset(root, tmp_path / "o2", 16, str(tmp_path / "no_vae"), "wds", 4, progress=False)
     out = tmp_path / "cfg"
     encode_dataset(root, out, 16, "identity", "wds", 4, progress=False)
-    with pytest.raises(ConfigMismatch, match="samples_per_shard: 4 -> 5"):
+    with pytest.raises(ConfigMismatch, match=r"encode_config.json records them; 4 of 4 shards done\): "
+                                             r"--samples-per-shard 4 -> 5\. Nothing was written"):
         encode_dataset(root, out, 16, "identity", "wds", 5, progress=False)
-    with pytest.raises(ConfigMismatch, match="resolution: 16 -> 8"):
+    with pytest.raises(ConfigMismatch, match=r"\): --resolution 16 -> 8\. "):  # latent_shape follows from it
         encode_dataset(root, out, 8, "identity", "wds", 4, progress=False)
+    with pytest.raises(ConfigMismatch, match=r"\): --flip off -> on; --formats wds -> mds,wds\. "):
+        encode_dataset(root, out, 16, "identity", "wds,mds", 4, flip=True, progress=False)
     # the same configuration again: nothing rewritten
     again = encode_dataset(root, out, 16, "identity", "wds", 4, progress=False)
     assert again["shards_written"] == 0 and again["shards_skipped"] == 4
