@@ -303,11 +303,15 @@ def fsync_path(path: Union[str, os.PathLike]) -> None:
 
 def _write_json_tmp(path: Path, obj: Any) -> Path:
     tmp = path.with_name(f".{path.name}.{temp_tag()}-{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: no half-written temp file left beside the name
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 

@@ -347,3 +347,13 @@ def test_manifest_fields_are_checked_when_read(tmp_path, change, words):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=words):
         read_manifest(root)
+
+
+def test_a_failed_json_write_leaves_no_temp_file(tmp_path):
+    from mpdit_dist.data import manifest as mf
+
+    target = tmp_path / "encode_config.json"
+    for write in (mf.write_json_atomic, mf.write_json_exclusive):
+        with pytest.raises(TypeError):
+            write(target, {"ok": 1, "bad": object()})  # fails half-way through the dump
+        assert list(tmp_path.iterdir()) == []
