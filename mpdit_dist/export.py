@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -127,7 +128,15 @@ def save_exported(model: MPDiT, out: str | Path, meta: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     header = {"model_args": json.dumps(model.args.to_dict())}
     header.update({k: json.dumps(v) for k, v in meta.items()})
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out), metadata=header)
+    # whole or not at all: a kill or a full disk mid-write leaves the previous file (or none), never a
+    # truncated one that a later sampling job or warm start would fail on
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
