@@ -123,9 +123,9 @@ class TraceWindow:
     Every rank profiles the same steps and writes, under ``<root>/step_<S>`` (S: the first step it
     recorded): ``rank<R>.trace.json.gz``, the trace for Perfetto or ``chrome://tracing`` (each step
     marked ``train_step <N>``, the data wait inside it), and ``rank<R>.txt``, its time by category
-    and top operators (:func:`format_summary`; ``rank<R>.json``: the same as :func:`summarize` returns). A run that stops inside the window (preemption, an
-    error) writes what it recorded (:meth:`close`); resumed inside the window, it records the rest
-    under the step it resumed at."""
+    and top operators (:func:`format_summary`; ``rank<R>.json``: what :func:`summarize` returns).
+    A run that stops inside the window (preemption, an error) writes what it recorded
+    (:meth:`close`); resumed inside the window, it records the rest under the step it resumed at."""
 
     def __init__(self, first: int, count: int, root: Path, rank: int, device: torch.device):
         self.first, self.last = first, first + count - 1

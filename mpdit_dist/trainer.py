@@ -813,7 +813,11 @@ class Trainer:
             raise
         finally:
             if self.trace_window is not None:
-                self.trace_window.close()  # a run stopped inside the window keeps what was recorded
+                try:
+                    self.trace_window.close()  # a run stopped inside the window keeps what was recorded
+                except Exception as exc:  # noqa: BLE001 - a trace must not hide how the run ended
+                    log.warning("could not write the profile under %s: %s: %s", self.trace_window.out_dir,
+                                type(exc).__name__, exc)
             if self.tracker:
                 # a preempted job's time until SIGKILL (launch.signal_delay_s) is for the requeue:
                 # a tracking server that stopped answering gets seconds, not the usual minute
