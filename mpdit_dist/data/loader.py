@@ -14,9 +14,13 @@ name of the order's definition, :data:`~mpdit_dist.data.order.ORDER_SCHEME`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
+import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +32,12 @@ from .order import ORDER_SCHEME, GlobalOrder, sample_seed
 from .sources import Source, open_source
 
 STATE_VERSION = 2  # 2: the order is ORDER_SCHEME (1: numpy's Generator.permutation)
+
+log = logging.getLogger(__name__)
+
+# next() waiting this long for one batch is reported (a slow or hung file system), and again at 2x, 4x...
+# this: without it a stalled read shows nothing until the other ranks' collective times out
+STALL_WARN_S = 60.0
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -107,8 +117,8 @@ class StepBatches(torch.utils.data.Dataset):
             bad = torch.nonzero(~torch.isfinite(x).flatten(1).all(dim=1)).flatten().tolist()
             index = int(indices[bad[0]])
             raise ValueError(f"{self.source.shard_file(index)}: sample {index} (key {keys[bad[0]]}) gives a "
-                             f"non-finite latent ({len(bad)} of {b} samples in step {step}); the shard file is corrupt "
-                             f"(check it with `python -m data_prep.encode --out ROOT --verify`)")
+                             f"non-finite latent ({len(bad)} of {b} samples in the batch of step {step + 1}); the "
+                             f"shard file is corrupt\n{self.source.damage_hint(index)}")
         return {"x": x.contiguous(), "y": torch.from_numpy(labels), "keys": keys, "step": step}
 
     def __len__(self) -> int:  # endless stream; DataLoader only needs this for warnings
@@ -160,6 +170,9 @@ class ShardLoader:
         self._it = None
         self._dl = None
         self._audit = None
+        self._waiting: Optional[tuple[int, float]] = None  # (step, since) while next() waits for a batch
+        self._stalled: Optional[int] = None  # the step whose wait was reported
+        self._watcher: Optional[threading.Thread] = None
         if cfg.audit:
             if not run_dir:
                 raise ValueError("data.audit=true needs a run directory (build_loader(..., run_dir=...))")
@@ -193,13 +206,32 @@ class ShardLoader:
             persistent_workers=False)
         return iter(self._dl)
 
+    def _stall_message(self, step: int, waited: float) -> str:
+        workers = int(self.cfg.num_workers)
+        who = f"{workers} DataLoader workers read" if workers else "this process reads"
+        return (f"rank {self.rank}: the batch of step {step + 1} has not come after {waited:.0f} s ({who} "
+                f"{self.cfg.remote or self.cfg.path}): a slow or stalled file system? The other ranks wait for "
+                f"this one at their next collective, up to the process group's timeout")
+
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, Any]:
         if self._it is None:
             self._it = self._make_iter()
-        batch = next(self._it)
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=_watch_stalls, args=(weakref.ref(self),), daemon=True,
+                                                 name=f"data-stall-watch-rank{self.rank}")
+                self._watcher.start()
+        self._waiting = (self.step, time.monotonic())
+        try:
+            batch = next(self._it)
+        finally:
+            since, self._waiting = self._waiting[1], None
+        if self._stalled == self.step:
+            log.warning("rank %d: the batch of step %d came after %.0f s", self.rank, self.step + 1,
+                        time.monotonic() - since)
+            self._stalled = None
         if batch["step"] != self.step:  # DataLoader delivers in order; this guards our bookkeeping
             raise RuntimeError(f"data loader out of order: got step {batch['step']}, expected {self.step}")
         self.step += 1
@@ -290,6 +322,26 @@ class ShardLoader:
             raise ValueError("cannot resume the data loader exactly: " + "; ".join(changes)
                              + ". Pass allow_batch_change=True (checkpoint.allow_batch_change=true) to continue anyway")
         return changes
+
+
+def _watch_stalls(ref: "weakref.ref[ShardLoader]") -> None:
+    """A loader's daemon thread: warns when ``next()`` has waited :data:`STALL_WARN_S`, then twice,
+    four times... that, for one batch; it ends with the loader (closed or gone)."""
+    reported = (None, 0)  # (the wait, warnings given for it)
+    while True:
+        time.sleep(min(1.0, STALL_WARN_S / 4))
+        loader = ref()
+        if loader is None or loader._it is None:
+            return
+        waiting = loader._waiting
+        if waiting is not None:
+            count = reported[1] if reported[0] == waiting else 0
+            waited = time.monotonic() - waiting[1]
+            if waited >= STALL_WARN_S * 2 ** count:
+                loader._stalled = waiting[0]
+                log.warning(loader._stall_message(waiting[0], waited))
+                reported = (waiting, count + 1)
+        del loader
 
 
 def build_loader(cfg, *, rank: int, world_size: int, seed: int, run_dir: Optional[str] = None) -> ShardLoader:

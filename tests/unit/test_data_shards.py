@@ -2,6 +2,7 @@
 import json
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -193,8 +194,9 @@ def test_a_corrupt_remote_shard_is_not_cached(tmp_path, fmt):
     shard.write_bytes(bytes(data))
     src = open_source(fmt, "", remote=str(remote), cache_dir=str(tmp_path / "cache"))
     src.read(0)
-    with pytest.raises(ShardReadError, match="sha256 .* differs from the manifest's"):
+    with pytest.raises(ShardReadError, match="sha256 .* differs from the manifest's") as err:
         src.read(5)
+    assert "delete it" not in str(err.value)  # nothing was cached: the file is to be repaired at the remote
     rel = shard.relative_to(remote).as_posix()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.as_posix().endswith(rel)]
     assert not list((tmp_path / "cache").rglob("*.part"))
@@ -233,6 +235,47 @@ def test_corrupt_shards_are_named(tmp_path, case):
             next(build_loader(cfg, rank=0, world_size=1, seed=0))
     with pytest.raises(ValueError, match=f"{name}: sha256 differs"):
         mf.verify_checksums(root)
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_read_errors_say_what_to_do(tmp_path, monkeypatch, fmt):
+    """A damaged, missing or unreadable shard file: the error names it and the sample, and says how
+    to repair it (local: --verify and re-encode; remote: delete the cached copy); a file that stays
+    missing is tried again first (IO_RETRY_WAITS_S, shortened here)."""
+    from mpdit_dist.data import sources
+
+    monkeypatch.setattr(sources, "IO_RETRY_WAITS_S", (0.01,), raising=False)
+    root = _small(tmp_path / "d")
+    name = "mds/part-000001/shard.00000.mds" if fmt == "mds" else "wds/shard-000001.tar"
+    verify = f"`python -m data_prep.encode --out {root} --verify` names every damaged file"
+    good = (root / name).read_bytes()
+    _corrupt(root / name, "truncate")
+    with pytest.raises(ShardReadError, match=f"{name}: .* bytes, .* says") as err:
+        open_source(fmt, str(root)).read(5)
+    assert verify in str(err.value) and "continues from its newest checkpoint" in str(err.value)
+    (root / name).unlink()
+    with pytest.raises(ShardReadError, match=f"{name}: No such file or directory \\(sample 5; tried 2 times") as err:
+        open_source(fmt, str(root)).read(5)
+    assert verify in str(err.value)
+    # the loader's non-finite check says the same
+    (root / name).write_bytes(good)
+    if fmt == "mds":  # (0xff bytes inside the last sample's latent)
+        _corrupt(root / name, "garbage")
+        with pytest.raises(ValueError, match="non-finite latent") as err:
+            next(build_loader(_cfg(root, fmt, 8, shuffle=False, normalize=False), rank=0, world_size=1, seed=0))
+        assert verify in str(err.value)
+        (root / name).write_bytes(good)
+    # remote: the damaged file is a cached copy; deleting it, as said, repairs it
+    cache = tmp_path / "cache"
+    assert open_source(fmt, "", remote=str(root), cache_dir=str(cache)).read(5)["key"] == "000000005"
+    cached = next(cache.rglob(name))
+    _corrupt(cached, "truncate")
+    with pytest.raises(ShardReadError, match=f"{name}: .* bytes") as err:
+        open_source(fmt, "", remote=str(root), cache_dir=str(cache)).read(5)
+    assert f"a copy in the local cache ({cached.parents[len(Path(name).parts) - 1]}): delete it" in str(err.value)
+    assert f"downloads it again from {root}" in str(err.value)
+    cached.unlink()
+    assert open_source(fmt, "", remote=str(root), cache_dir=str(cache)).read(5)["key"] == "000000005"
 
 
 def test_a_bad_wds_index_is_named(tmp_path):
@@ -357,3 +400,30 @@ def test_a_failed_json_write_leaves_no_temp_file(tmp_path):
         with pytest.raises(TypeError):
             write(target, {"ok": 1, "bad": object()})  # fails half-way through the dump
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_open_shard_files_are_capped(tmp_path, monkeypatch, fmt):
+    """A process keeps at most max_open_shards() shard files open (the soft limit of open files
+    is often 1,024, fewer than ImageNet's shards): beyond it the oldest is closed, and reopened
+    when a sample of it comes again, with the same values."""
+    from mpdit_dist.data import sources
+
+    root = _small(tmp_path / "d", n=20)  # 5 shards of 4
+    want = open_source(fmt, str(root))
+    monkeypatch.setattr(sources, "_OPEN_CAP", [2])
+    src = open_source(fmt, str(root))
+    for i in [0, 19, 5, 0, 11, 16, 2, 19, 9, 6, 13]:
+        assert np.array_equal(src.read(i)["latent"], want.read(i)["latent"]), i
+        cache = src.__dict__.get("_readers") or src.__dict__.get("_files")
+        assert len(cache) <= 2
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one():
+    import resource
+
+    from mpdit_dist.data.sources import max_open_shards
+
+    cap = max_open_shards()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft == hard and (soft == resource.RLIM_INFINITY or cap == max(16, soft - 256))
