@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.data import encoded_digits
 from tests.helpers.runs import PY, REPO, TINY, TORCHRUN, env, losses
 
 STEPS, CKPT_EVERY, DAMAGE_AT = 16, 4, 6  # 60 samples, global batch 12: 5 steps an epoch
@@ -31,13 +32,7 @@ SHARD = {"mds": "mds/part-000001/shard.00000.mds", "wds": "wds/shard-000001.tar"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from data_prep.encode import encode_dataset
-    from data_prep.fixtures import write_digits_image_folder
-
-    tmp = tmp_path_factory.mktemp("digits")
-    folder = write_digits_image_folder(tmp / "images", size=16, limit=60)
-    encode_dataset(folder, tmp / "data", 16, "identity", "mds,wds", 6, progress=False)
-    return tmp / "data"
+    return encoded_digits(tmp_path_factory.mktemp("digits"), size=16, limit=60, formats="mds,wds", per_shard=6)
 
 
 def _cmd(run_dir: Path, data: Path, fmt: str, workers: int, nproc: int) -> list[str]:

@@ -11,11 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_prep.encode import encode_dataset
-from data_prep.fixtures import write_digits_image_folder
 from mpdit_dist.config import DataConfig
 from mpdit_dist.data import build_loader, read_audit
 from mpdit_dist.distributed.env import free_port
+from tests.helpers.data import encoded_digits
 
 STEPS = 9  # 9 x 12 = 108 positions over 40 samples: epochs 0, 1 and part of 2
 
@@ -53,10 +52,7 @@ def _worker(rank, world, port, data, run_dir, out):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("digits")
-    folder = write_digits_image_folder(tmp / "images", size=8, limit=40)
-    encode_dataset(folder, tmp / "data", 8, "identity", "wds", 9, progress=False)
-    return tmp / "data"
+    return encoded_digits(tmp_path_factory.mktemp("digits"), size=8, limit=40, formats="wds", per_shard=9)
 
 
 def test_two_processes_read_their_parts_of_the_one_process_batches(digits, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from data_prep.encode import encode_dataset
 from data_prep.fixtures import save_tiny_vae, write_digits_image_folder, write_test_image_folder
 from mpdit_dist.config import DataConfig
-from tests.helpers.data import global_batches
+from tests.helpers.data import encoded_digits, global_batches
 from mpdit_dist.data import build_loader, denormalize, read_manifest, sample_seed
 from mpdit_dist.data import manifest as mf
 from mpdit_dist.data.sources import ShardReadError, open_source
@@ -21,10 +21,7 @@ from mpdit_dist.data.sources import ShardReadError, open_source
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """Identity latents of 50 digits at 8x8, 7 per shard (the last shard short)."""
-    tmp = tmp_path_factory.mktemp("digits")
-    folder = write_digits_image_folder(tmp / "images", size=8, limit=50)
-    encode_dataset(folder, tmp / "data", 8, "identity", "mds,wds", 7, progress=False)
-    return tmp / "data"
+    return encoded_digits(tmp_path_factory.mktemp("digits"), size=8, limit=50, formats="mds,wds", per_shard=7)
 
 
 @pytest.fixture(scope="module")
