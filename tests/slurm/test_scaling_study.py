@@ -72,4 +72,4 @@ def test_two_point_study_reports_table_plot_and_mlflow(slurm_jobs, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "ddp-g1: done, skipped" in again.stdout and "ddp-g2: done, skipped" in again.stdout
     assert "submitted job" not in again.stdout
-    assert slurm_jobs.queued_job_ids() == before
+    assert not slurm_jobs.queued_job_ids() - before  # no job added (a point's job may leave the queue meanwhile)
