@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mpdit_dist.fileio import atomic_write, write_json_atomic
 from mpdit_dist.inception import MIN_INPUT_SIZE, POOL_DIM, FeatureNetError, InceptionFeatures, load_feature_net
 from mpdit_dist.metrics import (
     frechet_distance,
@@ -314,8 +314,7 @@ def _save_cache(path: Path, stats: ReferenceStats) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # write then rename: a crash or a concurrent reader never sees half a file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(
                 f,
                 meta=np.array(json.dumps(meta)),
@@ -325,14 +324,9 @@ def _save_cache(path: Path, stats: ReferenceStats) -> bool:
                 sigma_s=stats.sigma_s,
                 pool_features=stats.pool_features if stats.pool_features is not None else np.zeros((0, 0), np.float32),
             )
-        os.replace(tmp, path)
         return True
     except OSError as err:
         log.warning("could not write the reference cache %s (%s); continuing without it", path, err)
-        try:
-            os.unlink(tmp)  # type: ignore[possibly-undefined]
-        except (OSError, NameError):
-            pass
         return False
 
 
@@ -680,9 +674,7 @@ def write_json(metrics: Mapping[str, Any], path: PathLike) -> None:
     """Write the metrics as JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, dict(metrics), indent=2)
 
 
 def log_to_mlflow(

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import CheckpointManager, verify
+from .fileio import atomic_path
 from .models import ATTENTION_BACKENDS, MPDiT, ModelArgs, flash_attn_available
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,8 @@ def save_exported(model: MPDiT, out: str | Path, meta: dict[str, Any]) -> Path:
     header.update({k: json.dumps(v) for k, v in meta.items()})
     # whole or not at all: a kill or a full disk mid-write leaves the previous file (or none), never a
     # truncated one that a later sampling job or warm start would fail on
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=header)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 
 from .config import refuse_below_one
 from .distributed.env import barrier, init_distributed, shutdown
+from .fileio import atomic_write, temp_files_of, write_text_atomic
 from .flow import guided_velocity, sample
 from .metrics.numerics import float32_mode
 from .models import ATTENTION_BACKENDS, flash_attn_available
@@ -182,41 +183,23 @@ def grid_order(labels: Sequence[int]) -> np.ndarray:
     return np.argsort(np.asarray(labels), kind="stable")
 
 
-def _tmp_name(path: Path) -> Path:
-    """A temporary file beside ``path``, of this process only (two writers never share one)."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}{path.suffix}")
-
-
 def _remove_tmp_files(path: Path) -> None:
-    """Remove what writers of ``path`` killed mid-write left (``<name>.tmp-*``; ``<name>.tmp.npz`` before)."""
-    for tmp in [*path.parent.glob(glob.escape(path.name) + ".tmp-*"), path.with_name(path.name + ".tmp.npz")]:
+    """Remove what writers of ``path`` killed mid-write left (also ``<name>.tmp-*`` and
+    ``<name>.tmp.npz``, the names of earlier versions)."""
+    for tmp in [*temp_files_of(path), *path.parent.glob(glob.escape(path.name) + ".tmp-*"),
+                path.with_name(path.name + ".tmp.npz")]:
         tmp.unlink(missing_ok=True)
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    """``path`` whole or not at all: a temporary file renamed into place. A failed write (a full disk)
-    removes its temporary file and ends with a message naming ``path``."""
-    tmp = _tmp_name(path)
+    """``path`` whole or not at all (:func:`~mpdit_dist.fileio.atomic_write`). A failed write (a full
+    disk) ends with a message naming ``path``."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SystemExit(f"could not write {path}: {e}; the finished parts are kept, rerun the same command to "
-                             "resume") from e
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise SystemExit(f"could not write {path}: {e}; the finished parts are kept, rerun the same command to "
+                         "resume") from e
 
 
 def weights_fingerprint(model: torch.nn.Module, manifest: dict[str, Any], normalized: bool) -> str:
@@ -294,7 +277,7 @@ def _prepare_parts(parts_dir: Path, settings: dict) -> None:
               f"({'; '.join(changes)}); discarding them, starting afresh", file=sys.stderr)
         for part in parts:
             part.unlink()
-    _atomic_write_text(plan, json.dumps(settings, indent=1))
+    write_text_atomic(plan, json.dumps(settings, indent=1))
 
 
 def _warn_replacing(out: Path, settings: dict) -> None:
@@ -471,8 +454,8 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
             settings["weights"] = weights_fingerprint(model, manifest, normalized)
             parts_dir.mkdir(parents=True, exist_ok=True)
             lock = _lock_parts(parts_dir)  # held to the end: no other job writes these parts or this --out
-            for stale in parts_dir.glob("*.tmp*"):  # of writers killed mid-write (no job writes now)
-                stale.unlink(missing_ok=True)
+            for stale in [*parts_dir.glob("*.tmp"), *parts_dir.glob("*.tmp-*"), *parts_dir.glob("*.tmp.npz")]:
+                stale.unlink(missing_ok=True)  # of writers killed mid-write (no job writes now)
             _remove_tmp_files(out)
             _remove_tmp_files(out.with_suffix(".json"))
             _prepare_parts(parts_dir, settings)
@@ -536,7 +519,7 @@ def _write_out(args, out: Path, parts_dir: Path, labels: list[int], settings: di
     described = out.with_suffix(".json")
     described.unlink(missing_ok=True)
     _atomic_savez(out, arr_0=arr, arr_1=lab)
-    _atomic_write_text(described, json.dumps(settings, indent=1))
+    write_text_atomic(described, json.dumps(settings, indent=1))
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
     if args.num_per_class is not None:  # one row per class, although the file is shuffled
         save_grid(arr[grid_order(lab)[:256]], grid, ncol=args.num_per_class)

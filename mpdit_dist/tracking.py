@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .config import TrackingConfig
+from .fileio import with_retries, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -292,9 +293,6 @@ def _git_commit(path: Path) -> Optional[str]:
 # --------------------------------------------------------------------------- background worker
 
 _STOP = object()
-# pauses between the tries of a failed MLflow call before MLflow is switched off (a store held
-# locked past SQLite's 20 s busy timeout, a server restarting); ~20 s in all, on the worker thread
-_RETRY_PAUSES_S = (1.0, 4.0, 15.0)
 # MlflowException codes that no retry changes (a request the store refuses)
 _PERMANENT_ERRORS = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
                      "PERMISSION_DENIED", "UNAUTHENTICATED")
@@ -311,7 +309,8 @@ class _Metrics:
 
 class _MlflowWorker:
     """Runs MLflow calls in order on a daemon thread. A call that fails is tried again after
-    pauses (``_RETRY_PAUSES_S``); one that still fails switches MLflow off for the rest of the
+    pauses (:data:`mpdit_dist.fileio.RETRY_WAITS_S`, ~20 s in all: a store held locked past
+    SQLite's 20 s busy timeout, a server restarting); one that still fails switches MLflow off for the rest of the
     run. What is skipped then is counted (calls, and metric values: ``metrics.jsonl`` has them,
     and the run's next start adds them to MLflow, :func:`missing_metrics`)."""
 
@@ -364,21 +363,19 @@ class _MlflowWorker:
                     self.dropped_values += len(metrics)
 
     def _run(self, op: Callable[[], None]) -> None:
-        for pause in (*_RETRY_PAUSES_S, None):
-            try:
-                op()
-                return
-            except Exception as exc:  # noqa: BLE001 - any failure of the store ends MLflow logging
-                if pause is None or getattr(exc, "error_code", None) in _PERMANENT_ERRORS:
-                    self.failed = True
-                    logger.warning(
-                        "MLflow logging to %s failed (%s: %s); MLflow tracking is off for the rest "
-                        "of this run, metrics continue in %s (the run's next start adds them to MLflow)",
-                        self._describe, type(exc).__name__, _truncate(str(exc), 300), self._jsonl)
-                    return
-                logger.info("MLflow call to %s failed (%s: %s); trying again in %gs", self._describe,
-                            type(exc).__name__, _truncate(str(exc), 200), pause)
-                time.sleep(pause)
+        def note(exc: BaseException, pause: float) -> None:
+            logger.info("MLflow call to %s failed (%s: %s); trying again in %gs", self._describe,
+                        type(exc).__name__, _truncate(str(exc), 200), pause)
+
+        try:
+            with_retries(op, retry_if=lambda exc: getattr(exc, "error_code", None) not in _PERMANENT_ERRORS,
+                         on_retry=note)
+        except Exception as exc:  # noqa: BLE001 - any failure of the store ends MLflow logging
+            self.failed = True
+            logger.warning(
+                "MLflow logging to %s failed (%s: %s); MLflow tracking is off for the rest "
+                "of this run, metrics continue in %s (the run's next start adds them to MLflow)",
+                self._describe, type(exc).__name__, _truncate(str(exc), 300), self._jsonl)
 
     def close(self, timeout: float) -> bool:
         """Flush and stop; False if the thread was still busy after ``timeout`` seconds."""
@@ -617,10 +614,7 @@ class Tracker:
         return exp.experiment_id
 
     def _write_run_id(self, run_id: str) -> None:
-        path = self.run_dir / RUN_ID_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(self.run_dir / RUN_ID_FILE, run_id + "\n")
 
     def _new_params(self, params: Mapping[str, Any]):
         """Params the run does not hold yet, and those whose value changed (MLflow refuses)."""

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
 from . import manifest as mf
 from .order import ORDER_SCHEME, GlobalOrder, sample_seed
 from .sources import Source, open_source
@@ -384,18 +385,14 @@ def _truncate_audit(path: Path, step: int) -> None:
         last = _audit_step(tail[-2])
         if last is not None and last < step:
             return
-    tmp = path.with_name(f".{path.name}.{mf.temp_tag()}.tmp")
     kept = 0
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
+    with open(path, "rb") as src, atomic_write(path) as dst:
         for line in src:
             s = _audit_step(line) if line.endswith(b"\n") else None
             if s is not None and s < step:
                 dst.write(line)
                 kept += 1
-    if kept:
-        os.replace(tmp, path)
-    else:
-        tmp.unlink()
+    if not kept:
         path.unlink()
 
 

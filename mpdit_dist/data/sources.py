@@ -60,7 +60,8 @@ Integrity
     named like any other damage, where a map would kill the process with SIGBUS without a word
     (or, inside the last page, hand over zeros as data). An open or a read that fails with an
     ``OSError`` (a file missing for a moment, an I/O error, a stale handle: a parallel file
-    system's hiccup) is tried again after :data:`IO_RETRY_WAITS_S`, with a warning naming the file.
+    system's hiccup) is tried again after :data:`mpdit_dist.fileio.RETRY_WAITS_S`, with a warning
+    naming the file.
 
 Memory
     An ``.npz`` with ``x`` (N, C, H, W), ``y`` (N,), optional ``keys`` and ``num_classes``: for tests.
@@ -71,20 +72,16 @@ import hashlib
 import json
 import logging
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from .. import fileio
+from ..fileio import atomic_path, with_retries
 from . import manifest as mf
 
 log = logging.getLogger(__name__)
-
-# the waits before trying a failed open or read of a shard file again (OSError: a file missing for a
-# moment, an I/O error, a stale handle on a parallel file system); after the last one the error stands
-IO_RETRY_WAITS_S = (1.0, 4.0, 15.0)
 
 # ------------------------------------------------------------------------------------ remote cache
 
@@ -98,18 +95,13 @@ class RemoteFileError(ShardReadError):
 
 
 def _with_retries(path, fn, error: Optional[OSError] = None):
-    """``fn()``, tried again after each wait of :data:`IO_RETRY_WAITS_S` while it raises ``OSError``
+    """``fn()`` (an open or a read of ``path``), tried again while it raises ``OSError``
+    (:func:`~mpdit_dist.fileio.with_retries`), with a warning naming the file before each wait
     (``error``: the first try's, when the caller made it)."""
-    for wait in IO_RETRY_WAITS_S:
-        if error is None:
-            try:
-                return fn()
-            except OSError as exc:
-                error = exc
-        log.warning("%s: %s; trying again in %g s", path, error.strerror or error, wait)
-        time.sleep(wait)
-        error = None
-    return fn()
+    def note(exc: BaseException, wait: float) -> None:
+        log.warning("%s: %s; trying again in %g s", path, getattr(exc, "strerror", None) or exc, wait)
+
+    return with_retries(fn, on_retry=note, first_error=error)
 
 
 _OPEN_CAP: list[int] = []  # max_open_shards(), computed once per process
@@ -173,8 +165,7 @@ def _fetch(remote_url: str, local_path: Path, opener: str, *, force: bool = Fals
     if local_path.exists() and not force:
         return local_path
     local_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_path.with_name(f".{local_path.name}.{mf.temp_tag()}.{threading.get_ident()}.part")
-    try:
+    with atomic_path(local_path) as tmp:
         if opener == "streaming":
             from streaming.base.storage.download import CloudDownloader
 
@@ -191,9 +182,6 @@ def _fetch(remote_url: str, local_path: Path, opener: str, *, force: bool = Fals
             raise RemoteFileError(f"{remote_url}: downloaded file's sha256 {mf.file_sha256(tmp)[:16]}... differs "
                                  f"from the manifest's {sha256[:16]}... (corrupt remote file, or a remote "
                                  f"changed under its manifest); not cached")
-        os.replace(tmp, local_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return local_path
 
 
@@ -218,7 +206,7 @@ def resolve_root(path: str, remote: Optional[str], cache_dir: Optional[str]) -> 
         opener = "gopen" if "://" in remote and remote.split("://")[0] in ("http", "https") else "streaming"
         if remote.startswith("pipe:"):
             opener = "gopen"
-        fresh = _fetch(_join(remote, mf.MANIFEST), cache / f".{mf.MANIFEST}.{mf.temp_tag()}", opener, force=True)
+        fresh = _fetch(_join(remote, mf.MANIFEST), cache / f".{mf.MANIFEST}.{fileio.temp_tag()}", opener, force=True)
         try:
             manifest = mf.read_manifest(fresh)
         except ValueError as exc:
@@ -365,10 +353,10 @@ class _ShardedSource(Source):
         except ShardReadError as exc:
             exc.args = (f"{exc.args[0]}\n{self.damage_hint(index)}",)
             raise
-        except OSError as exc:  # still failing after IO_RETRY_WAITS_S
-            waits = len(IO_RETRY_WAITS_S)
+        except OSError as exc:  # still failing after fileio.RETRY_WAITS_S
+            waits = fileio.RETRY_WAITS_S
             raise ShardReadError(f"{exc.filename or self.shard_file(index)}: {exc.strerror or exc} (sample {index}; "
-                                 f"tried {waits + 1} times over {sum(IO_RETRY_WAITS_S):g} s)\n"
+                                 f"tried {len(waits) + 1} times over {sum(waits):g} s)\n"
                                  f"{self.damage_hint(index)}") from exc
 
     def _read(self, index: int) -> dict[str, Any]:  # pragma: no cover - interface

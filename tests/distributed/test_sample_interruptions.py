@@ -27,7 +27,7 @@ rank = int(os.environ.get("RANK", "0"))
 real_savez, real_replace = np.savez, os.replace
 
 def savez(file, **arrays):
-    name = os.path.basename(getattr(file, "name", str(file)))
+    name = os.path.basename(getattr(file, "name", str(file))).lstrip(".")  # temp names: .<name>.<tag>.tmp
     f = fault.get("savez")
     if f and name.startswith(f["match"]) and rank == f.get("rank", 0):
         if f["action"] == "pause":  # hold this write until the test says go
@@ -105,7 +105,8 @@ def _same(out, reference):
 
 def _leftovers(out):
     parts = out.with_name(out.name + ".parts")
-    return sorted(p.name for p in [*out.parent.glob(out.name + ".tmp*"), *parts.glob("*tmp*")])
+    return sorted(p.name for p in [*out.parent.glob(f".{out.name}.*.tmp"), *out.parent.glob(out.name + ".tmp*"),
+                                   *parts.glob("*tmp*")])
 
 
 def test_a_second_job_on_the_same_out_is_refused_while_the_first_runs(tmp_path, setup):
@@ -197,7 +198,7 @@ def test_kill_mid_write_then_resume_on_another_number_of_ranks(tmp_path, setup):
     out = tmp_path / "s.npz"
     proc = _run(root, w0, out, nproc=2, fault={"savez": {"match": "part_000003", "rank": 1, "action": "kill"}})
     assert proc.returncode != 0 and not out.exists()
-    assert any("part_000003.npz.tmp" in n for n in _leftovers(out))
+    assert any(n.startswith(".part_000003.npz.") and n.endswith(".tmp") for n in _leftovers(out))
     proc = _run(root, w0, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _same(out, ref[w0]) and _leftovers(out) == []

@@ -40,7 +40,9 @@ if kill:
 
     os.replace = replace
 if os.environ.get("FAULT_TAG"):
-    mf.temp_tag = lambda: os.environ["FAULT_TAG"]
+    from mpdit_dist import fileio
+
+    mf.temp_tag = fileio.temp_tag = lambda: os.environ["FAULT_TAG"]
 if os.environ.get("FAULT_ENOSPC"):
     part, limit = os.environ["FAULT_ENOSPC"].rsplit(":", 1)
     real_open, written = builtins.open, [0]

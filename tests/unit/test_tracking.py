@@ -360,9 +360,9 @@ def test_values_mlflow_missed_are_added_at_the_next_start(results_dir, client, t
 def test_a_failed_call_is_tried_again_before_mlflow_is_switched_off(results_dir, client, tmp_path, monkeypatch):
     """A store or server that fails for a moment (a lock held past SQLite's busy timeout, a
     restart) costs nothing: the call is tried again after a pause, and logging goes on."""
-    from mpdit_dist import tracking
+    from mpdit_dist import fileio
 
-    monkeypatch.setattr(tracking, "_RETRY_PAUSES_S", (0.05, 0.05, 0.05))
+    monkeypatch.setattr(fileio, "RETRY_WAITS_S", (0.05, 0.05, 0.05))
     tracker = Tracker(TrackingConfig(experiment="unit"), tmp_path / "flaky", rank=0, results_dir=results_dir,
                       console=False)
     tries = []
