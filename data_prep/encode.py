@@ -52,7 +52,11 @@ class: they are listed in the manifest's ``skipped_files`` and counted in the su
 ``files_skipped``. If every image fails, the command stops with an error (exit code 2).
 ``--verify`` checks a finished dataset's files against the sha256 checksums in its manifest, and
 the merged MDS index against the manifest's shard order (the loader itself checks only file
-sizes, at first open, and the index's order).
+sizes, at first open, and the index's order). It checks every file whatever it finds (a repair
+after a storage incident needs the whole list at once): each missing, unreadable (permission, I/O
+error), truncated or differing file is named with its reason, the damaged ones are counted
+(``3 of 1,282 shard files damaged``), the hint names the records of every shard to re-encode and
+the encode command, and the exit code is 2; a clean dataset prints ``{"verified_files": N, ...}``.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ import fcntl
 import hashlib
 import json
 import os
-import re
+import shlex
 import shutil
 import signal
 import sys
@@ -847,21 +851,40 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     return summary
 
 
-def _repair_hint(out: Path, problems: str) -> str:
-    """What to do about the problems ``--verify`` found: re-encode the shards with a damaged file."""
-    shards = set()
-    for line in problems.splitlines():
-        m = re.search(rf"/(?:{mf.WDS_DIR}/shard-|{mf.MDS_DIR}/part-)(\d{{6}})\b", line.partition(": ")[0])
-        if m:
-            shards.add(int(m.group(1)))
-    hint = []
+def _rerun_command(out: Path) -> tuple[Optional[str], bool]:
+    """The command that encodes ``out``'s shards as they were, from its ``encode_config.json``, with
+    ``IMAGES`` for the ImageFolder (not recorded), or None where the configuration cannot be read;
+    and whether the dataset was written from precomputed latents (``write_latents``: no command)."""
+    try:
+        config = json.loads((out / mf.ENCODE_CONFIG).read_text())
+        if config.get("resolution") is None:
+            return None, True
+        args = ["--images", "IMAGES", "--out", str(out), "--resolution", str(config["resolution"]),
+                "--vae", config["encoder"]["id"], "--formats", ",".join(config["formats"]),
+                "--samples-per-shard", str(config["samples_per_shard"]), "--store", config["store"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, False
+    return "python -m data_prep.encode " + shlex.join(args + (["--flip"] if config.get("flip") else [])), False
+
+
+def _repair_hint(out: Path, damage: mf.DamagedDataset) -> str:
+    """What to do about the problems ``--verify`` found: re-encode every shard with a damaged file
+    (which also writes the merged MDS index again), else write the merged MDS index again."""
+    shards = damage.damaged_shards
     if shards:
-        records = " ".join(str(out / mf.PARTS_DIR / f"{mf.part_name(s)}.json") for s in sorted(shards))
-        hint.append(f"to re-encode the {len(shards)} damaged shards, delete their records ({records}) and run "
-                    f"the encode command again, then --verify")
-    if f"{mf.MDS_DIR}/index.json:" in problems and "--finalize" not in problems:
-        hint.append(f"`python -m data_prep.encode --out {out} --finalize` writes the merged MDS index again")
-    return "; ".join(hint)
+        n = f"{len(shards):,} damaged shard{'s' if len(shards) > 1 else ''}"
+        command, precomputed = _rerun_command(out)
+        if precomputed:
+            return (f"the {n} ({', '.join(map(str, shards))}) hold precomputed latents (write_latents): write "
+                    f"the dataset again from them, then --verify")
+        records = " ".join(shlex.quote(str(out / mf.PARTS_DIR / f"{mf.part_name(s)}.json")) for s in shards)
+        how = f" (`{command}`, where IMAGES is the ImageFolder it was encoded from)" if command else ""
+        return (f"to re-encode the {n}, delete their records ({records}) and run the encode command "
+                f"again{how}, then --verify")
+    if damage.problems and not any("--finalize" in why for _, why, _ in damage.problems):
+        return (f"`python -m data_prep.encode --out {shlex.quote(str(out))} --finalize` writes the merged MDS "
+                f"index again")
+    return ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -890,8 +913,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verify:
             try:
                 n = mf.verify_checksums(args.out)
-            except ValueError as exc:
-                hint = _repair_hint(Path(args.out), str(exc))
+            except mf.DamagedDataset as exc:  # every damaged file is in it, and the hint covers them all
+                hint = _repair_hint(Path(args.out), exc)
                 raise ValueError(f"{exc}\n{hint}" if hint else str(exc)) from None
             print(json.dumps({"verified_files": n, "dataset": str(args.out)}))
             return 0

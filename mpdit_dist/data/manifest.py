@@ -31,17 +31,19 @@ Latents are stored raw (as the encoder returns them, without the scaling factor)
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
-import socket
-import threading
+import stat
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
+
+from ..fileio import fsync_path, temp_tag, write_json_atomic, write_json_exclusive  # noqa: F401 - re-exported
 
 MANIFEST = "manifest.json"
 ENCODE_CONFIG = "encode_config.json"
@@ -170,6 +172,80 @@ def check_mds_index(index: Any, manifest: dict[str, Any], where: str, limit: int
     return problems
 
 
+class DamagedDataset(ValueError):
+    """What :func:`verify_checksums` found wrong: every damaged file, not just the first.
+
+    ``problems`` holds one ``(path, reason, shard_id)`` per damaged file (``shard_id`` None for the
+    merged MDS index, which may have several); ``checked`` counts every file checked and
+    ``shard_files`` the shard files among them. The message lists them all, one per line.
+    """
+
+    def __init__(self, root: Path, problems: list[tuple[Path, str, int | None]], checked: int, shard_files: int):
+        self.root, self.problems, self.checked, self.shard_files = root, problems, checked, shard_files
+        damaged = len({p for p, _, sid in problems if sid is not None})
+        head = (f"{damaged:,} of {shard_files:,} shard files damaged" if damaged
+                else f"all {shard_files:,} shard files intact")
+        index = sum(sid is None for _, _, sid in problems)
+        if index:
+            head += f", {index} problem{'s' if index > 1 else ''} with the merged MDS index"
+        super().__init__(f"{root}: {head} ({checked:,} files checked against the manifest):\n  "
+                         + "\n  ".join(f"{p}: {reason}" for p, reason, _ in problems))
+
+    @property
+    def damaged_shards(self) -> list[int]:
+        """The ids of the shards with a damaged file (re-encoding them repairs those files)."""
+        return sorted({sid for _, _, sid in self.problems if sid is not None})
+
+
+def _unreadable(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"unreadable: {exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+def _recorded_sizes(rel: str, data: bytes) -> dict[str, tuple[int, str]]:
+    """The sizes a shard's own index (whose sha256 matched) records for its data files:
+    ``{rel of the data file: (bytes, rel of the index)}``; empty for other files."""
+    try:
+        index = json.loads(data)
+        if rel.startswith(f"{WDS_DIR}/") and rel.endswith(".idx.json"):
+            return {f"{WDS_DIR}/{index['tar']}": (int(index["tar_size"]), rel)}
+        if rel.startswith(f"{MDS_DIR}/") and rel.endswith("/index.json"):
+            folder = rel.rpartition("/")[0]
+            return {f"{folder}/{s['raw_data']['basename']}": (int(s["raw_data"]["bytes"]), rel)
+                    for s in index["shards"]}
+    except (ValueError, KeyError, TypeError):
+        pass  # not the index layout this version writes: the checksum alone decides
+    return {}
+
+
+def _shard_file_problem(p: Path, rel: str, digest: str, sizes: dict[str, tuple[int, str]]) -> str | None:
+    """Why shard file ``p`` is damaged (None: its sha256 is the manifest's). A shard's index file
+    that is intact adds what it records about its data files to ``sizes``."""
+    try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if rel in sizes and st.st_size != sizes[rel][0]:
+            # the shard's intact index records another size: damaged whatever its bytes (no need to read them)
+            want, where = sizes[rel]
+            what = "truncated" if st.st_size < want else "longer than written"
+            return f"{what}: {st.st_size:,} bytes, {where} records {want:,}"
+        if rel.endswith(".json"):  # a shard's index: small, parsed for the sizes of its data files
+            data = p.read_bytes()
+            actual = hashlib.sha256(data).hexdigest()
+        else:
+            actual = file_sha256(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:  # permission, I/O error, stale handle: the rest is still checked
+        return _unreadable(exc)
+    if actual != digest:
+        return ("empty (0 bytes); " if st.st_size == 0 else "") + f"sha256 differs from the manifest's {digest[:16]}..."
+    if rel.endswith(".json"):
+        sizes.update(_recorded_sizes(rel, data))
+    return None
+
+
 def verify_checksums(root: Union[str, os.PathLike], manifest: dict[str, Any] | None = None) -> int:
     """Check every shard file listed in the manifest against its sha256, and the merged MDS index
     against the manifest; returns the number of files checked.
@@ -178,39 +254,50 @@ def verify_checksums(root: Union[str, os.PathLike], manifest: dict[str, Any] | N
     only): run it after copying a dataset, or when a size check or a non-finite batch points at
     corruption (``python -m data_prep.encode --out ROOT --verify``). The merged ``mds/index.json``
     (MDS datasets) must exist, match ``mds_index_sha256`` where the manifest records it, and list
-    the manifest's shards in its order with its sample counts (:func:`check_mds_index`). Raises
-    ``ValueError`` naming every missing or differing file.
+    the manifest's shards in its order with its sample counts (:func:`check_mds_index`).
+
+    Every file is checked whatever the others' state: a missing, unreadable (permission, I/O
+    error), truncated (shorter than its shard's intact index records) or differing file is noted
+    and the check goes on. Raises :class:`DamagedDataset` (a ``ValueError``) naming every damaged
+    file with its reason, the count, and the shards to re-encode.
     """
     root = Path(root)
     manifest = manifest if manifest is not None else read_manifest(root)
-    bad, n = [], 0
+    problems: list[tuple[Path, str, int | None]] = []
+    n = 0
     for shard in manifest["shards"]:
-        for rel, digest in sorted(shard["checksums"].items()):
-            p = root / rel
+        sizes: dict[str, tuple[int, str]] = {}
+        found = {}
+        # a shard's index files first: an intact one tells its data files' sizes (truncation, not just a mismatch)
+        for rel, digest in sorted(shard["checksums"].items(), key=lambda kv: (not kv[0].endswith(".json"), kv[0])):
             n += 1
-            if not p.is_file():
-                bad.append(f"{p}: missing")
-            elif file_sha256(p) != digest:
-                bad.append(f"{p}: sha256 differs from the manifest's {digest[:16]}...")
+            found[rel] = _shard_file_problem(root / rel, rel, digest, sizes)
+        problems += [(root / rel, why, shard["shard_id"]) for rel, why in sorted(found.items()) if why]
+    shard_files = n
     if "mds" in manifest.get("formats", []):
         p = root / MDS_DIR / "index.json"
         n += 1
         digest = manifest.get("mds_index_sha256")
-        if not p.is_file():
-            bad.append(f"{p}: missing (the merged MDS index; `python -m data_prep.encode --out {root} "
-                       f"--finalize` writes it again)")
+        index_problems = []
+        try:
+            data = p.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            index_problems.append(f"missing (the merged MDS index; `python -m data_prep.encode --out {root} "
+                                  f"--finalize` writes it again)")
+        except OSError as exc:
+            index_problems.append(_unreadable(exc))
         else:
-            if digest is not None and file_sha256(p) != digest:
-                bad.append(f"{p}: sha256 differs from the manifest's mds_index_sha256 {digest[:16]}...")
+            if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+                index_problems.append(f"sha256 differs from the manifest's mds_index_sha256 {digest[:16]}...")
             try:
-                index = json.loads(p.read_text())
+                index = json.loads(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                bad.append(f"{p}: not valid JSON ({exc})")
+                index_problems.append(f"not valid JSON ({exc})")
             else:
-                bad += check_mds_index(index, manifest, str(p))
-    if bad:
-        raise ValueError(f"{root}: {len(bad)} problems in {n} files checked against the manifest:\n  "
-                         + "\n  ".join(bad))
+                index_problems += [line[len(f"{p}: "):] for line in check_mds_index(index, manifest, str(p))]
+        problems += [(p, why, None) for why in index_problems]
+    if problems:
+        raise DamagedDataset(root, problems, n, shard_files)
     return n
 
 
@@ -285,56 +372,6 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def temp_tag() -> str:
-    """``<host>-<pid>``: a temp-name part unique among the processes sharing a file system."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def fsync_path(path: Union[str, os.PathLike]) -> None:
-    """fsync a file or a directory (a directory's fsync makes the renames into it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_tmp(path: Path, obj: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.{temp_tag()}-{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk: no half-written temp file left beside the name
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def write_json_atomic(path: Union[str, os.PathLike], obj: Any) -> None:
-    """Write JSON to a temp name in the same directory, fsync, then rename (never half-visible)."""
-    path = Path(path)
-    os.replace(_write_json_tmp(path, obj), path)
-    fsync_path(path.parent)
-
-
-def write_json_exclusive(path: Union[str, os.PathLike], obj: Any) -> bool:
-    """Create ``path`` holding ``obj`` only if it does not exist (a complete temp file hard-linked to
-    the name, so the file is never seen half-written); returns False if it already existed."""
-    path = Path(path)
-    tmp = _write_json_tmp(path, obj)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
-    fsync_path(path.parent)
-    return True
 
 
 def dataset_id(manifest: dict[str, Any]) -> str:

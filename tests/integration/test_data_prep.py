@@ -419,7 +419,7 @@ def test_verify_flag_checks_the_manifest_checksums(tmp_path, capsys):
     tar.write_bytes(bytes(data))
     assert main(["--out", str(out), "--verify"]) == 2
     err = capsys.readouterr().err
-    assert "1 problems in 13 files" in err and "shard-000001.tar: sha256 differs" in err
+    assert "1 of 12 shard files damaged (13 files checked" in err and "shard-000001.tar: sha256 differs" in err
 
 
 def _swap_mds_index_entries(out, i, j):
@@ -450,7 +450,8 @@ def test_verify_checks_the_merged_mds_index(tmp_path, capsys):
     # a manifest written before mds_index_sha256 existed: the order is still checked
     old = {k: v for k, v in m.items() if k != "mds_index_sha256"}
     (out / "manifest.json").write_text(json.dumps(old))
-    with pytest.raises(ValueError, match=r"2 problems in 7 files.*\n.*shards\[0\] is part-000002"):
+    with pytest.raises(ValueError, match=r"all 6 shard files intact, 2 problems with the merged MDS index "
+                                         r"\(7 files checked.*\n.*shards\[0\] is part-000002"):
         mf.verify_checksums(out)
     # --finalize rewrites the index from the shard records
     assert main(["--out", str(out), "--finalize"]) == 0
