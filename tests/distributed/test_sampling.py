@@ -38,15 +38,38 @@ def test_two_ranks_same_samples_as_one(tmp_path, run):
 
 def test_resume_keeps_finished_parts(tmp_path, run):
     out = tmp_path / "s.npz"
-    ref_img, _ = _sample(run, out)
+    ref_img, _ = _sample(run, out, extra=["--keep-parts"])  # kept, so that removing some stands for a kill
     parts = out.with_name(out.name + ".parts")
     kept = parts / "part_000001.npz"
     mtime = kept.stat().st_mtime_ns
     (parts / "part_000002.npz").unlink()
     out.unlink()
-    img, _ = _sample(run, out)
+    img, _ = _sample(run, out, extra=["--keep-parts"])
     assert kept.stat().st_mtime_ns == mtime  # not recomputed
     assert np.array_equal(img, ref_img)
+
+
+def test_a_finished_job_removes_its_parts_and_its_rerun_does_nothing(tmp_path, run, capsys):
+    """The parts are as large as the npz (39 GB for 50,000 samples at 512 px): once the npz is written
+    they go, unless --keep-parts. The same command run again finds the npz of its settings and
+    stops; other settings sample again."""
+    from mpdit_dist.sample import main
+
+    out = tmp_path / "s.npz"
+    argv = ["--run-dir", str(run), "--num-samples", "4", "--batch-size", "2", "--steps", "2", "--seed", "3",
+            "--device", "cpu", "--out", str(out)]
+    main(argv)
+    assert not out.with_name(out.name + ".parts").exists()
+    written = out.stat().st_mtime_ns
+    capsys.readouterr()
+    main(argv)
+    assert f"{out} already holds these 4 samples" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == written and not out.with_name(out.name + ".parts").exists()
+    main([*argv, "--seed", "4", "--keep-parts"])  # other settings: sampled again, parts kept
+    assert out.stat().st_mtime_ns != written
+    assert json.loads(out.with_suffix(".json").read_text())["seed"] == 4
+    assert sorted(p.name for p in out.with_name(out.name + ".parts").iterdir()) == [
+        "lock", "part_000000.npz", "part_000001.npz", "settings.json"]
 
 
 def test_balanced_labels(tmp_path, run):
@@ -95,13 +118,13 @@ def test_num_per_class_is_shuffled_balanced_and_rank_independent(tmp_path, run):
 def test_num_per_class_resumes_from_parts(tmp_path, run):
     out = tmp_path / "s.npz"
     args = ("--num-per-class", "2", "--classes", "1,2,5", "--batch-size", "2")
-    ref_img, ref_lab = _sample_in_process(run, out, *args)
+    ref_img, ref_lab = _sample_in_process(run, out, *args, "--keep-parts")
     parts = out.with_name(out.name + ".parts")
     kept = parts / "part_000000.npz"
     mtime = kept.stat().st_mtime_ns
     (parts / "part_000002.npz").unlink()
     out.unlink()
-    img, lab = _sample_in_process(run, out, *args)
+    img, lab = _sample_in_process(run, out, *args, "--keep-parts")
     assert kept.stat().st_mtime_ns == mtime  # not recomputed
     assert np.array_equal(img, ref_img) and np.array_equal(lab, ref_lab)
 

@@ -23,7 +23,7 @@ def weights(tmp_path_factory):
 
 def _sample(weights, out, *extra):
     main(["--checkpoint", str(weights), "--num-samples", "6", "--batch-size", "2", "--steps", "2", "--seed", "1",
-          "--device", "cpu", "--out", str(out), *extra])
+          "--device", "cpu", "--out", str(out), "--keep-parts", *extra])
     with np.load(out) as z:
         return z["arr_0"], z["arr_1"]
 
