@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -80,6 +79,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from mpdit_dist import fileio
 from mpdit_dist.data import manifest as mf
 
 from .encoders import load_encoder
@@ -322,8 +322,8 @@ def _write_mds(tmp_dir: Path, samples: list[dict[str, Any]], fields: list[str], 
             w.write({k: s[k] for k in columns})
     # MDSWriter does not fsync; the shard's record (the commit point) must never outlive its data
     for p in sorted(tmp_dir.iterdir()):
-        mf.fsync_path(p)
-    mf.fsync_path(tmp_dir)
+        fileio.fsync_path(p)
+    fileio.fsync_path(tmp_dir)
 
 
 def _shard_temps(out: Path, shard_id: int) -> list[Path]:
@@ -340,32 +340,6 @@ def _shard_temps(out: Path, shard_id: int) -> list[Path]:
 _NO_FLOCK_WARNED: list[str] = []
 
 
-def _flock(path: Path, blocking: bool) -> Optional[int]:
-    """An exclusive ``flock`` of the lock file ``path``: the open fd, or None if another process holds
-    it (``blocking=False``). The kernel drops the lock when its holder dies, so a killed run leaves no
-    stale lock. A holder may remove the file while holding it; a process that locked the removed file
-    sees a different inode at the path and tries again. Raises ``OSError`` (fd closed) where the file
-    system has no flock.
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except OSError:
-            os.close(fd)
-            raise
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
-
-
 def _warn_no_flock(path: Path, exc: OSError) -> None:
     # a file system without flock (some NFS and Lustre mounts): the claims cannot be taken, so
     # shards are not protected from a second process running the same command at once (the
@@ -377,13 +351,13 @@ def _warn_no_flock(path: Path, exc: OSError) -> None:
 
 
 def _claim_shard(out: Path, shard_id: int) -> Optional[int]:
-    """An exclusive claim on one shard (``flock`` of ``parts/.part-XXXXXX.lock``, see :func:`_flock`):
+    """An exclusive claim on one shard (``flock`` of ``parts/.part-XXXXXX.lock``, :func:`lock_file`):
     the open fd, or None if another process holds it. The holder removes the lock file once the
     shard is committed. Where the file system has no flock, every claim succeeds, with one warning.
     """
     path = out / mf.PARTS_DIR / f".{mf.part_name(shard_id)}.lock"
     try:
-        return _flock(path, blocking=False)
+        return fileio.lock_file(path, blocking=False)
     except OSError as exc:
         _warn_no_flock(path, exc)
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -405,7 +379,7 @@ def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Seq
     """
     samples = result["samples"]
     pname = mf.part_name(shard_id)
-    tag = mf.temp_tag()
+    tag = fileio.temp_tag()
     for stale in _shard_temps(out, shard_id):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     checksums: dict[str, str] = {}
@@ -433,13 +407,13 @@ def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Seq
             shutil.rmtree(dst)  # left by a run killed between renames and the record
         os.replace(src, dst)
     for d in sorted({dst.parent for _, dst in renames}):
-        mf.fsync_path(d)  # the renames are durable before the record that commits them
+        fileio.fsync_path(d)  # the renames are durable before the record that commits them
     record = {
         "shard_id": shard_id, "first_image": first_image, "num_images": num_images,
         "num_samples": len(samples), "failures": result["failures"], "stats": result["stats"],
         "class_counts": _class_counts(samples), "checksums": checksums,
     }
-    mf.write_json_atomic(out / mf.PARTS_DIR / f"{pname}.json", record)
+    fileio.write_json_atomic(out / mf.PARTS_DIR / f"{pname}.json", record)
     return record
 
 
@@ -581,7 +555,7 @@ def finalize(out: str | os.PathLike, quiet: bool = False) -> Optional[dict[str, 
     # temp file of a finalizer is a killed one's, and removes them with the claims' lock files
     lock_path = out / mf.PARTS_DIR / ".finalize.lock"
     try:
-        lock = _flock(lock_path, blocking=True)
+        lock = fileio.lock_file(lock_path, blocking=True)
     except OSError:
         lock = None  # no flock here: finalizers may run at once, so only this process's leftovers go
     try:
@@ -605,7 +579,7 @@ def _remove_leftovers(out: Path, everyone: bool) -> None:
     is in use; ``everyone=False`` (no finalize lock): only this process's own merge directory (one
     left by an earlier process of the same host and pid, e.g. a restarted container), which would
     otherwise stop the merge ("Destination path ... already exists")."""
-    mine = out / mf.MDS_DIR / f".merge-{mf.temp_tag()}"
+    mine = out / mf.MDS_DIR / f".merge-{fileio.temp_tag()}"
     stale = [mine] if mine.exists() else []
     if everyone:
         stale = sorted((out / mf.MDS_DIR).glob(".merge-*")) if (out / mf.MDS_DIR).is_dir() else []
@@ -622,16 +596,16 @@ def _write_manifest(out: Path, config: dict[str, Any], records: list[dict[str, A
 
         mds = out / mf.MDS_DIR
         # merge into a private directory, then rename: atomic, and safe if two ranks finalize at once
-        tmp = mds / f".merge-{mf.temp_tag()}"
+        tmp = mds / f".merge-{fileio.temp_tag()}"
         tmp.mkdir(exist_ok=True)
         merge_index([str(mds / mf.part_name(r["shard_id"]) / "index.json") for r in nonempty], str(tmp),
                     keep_local=True)
-        mf.fsync_path(tmp / "index.json")
+        fileio.fsync_path(tmp / "index.json")
         # the merged index's content depends on the parts only, so every finalizer records the same digest
         mds_index_sha256 = mf.file_sha256(tmp / "index.json")
         os.replace(tmp / "index.json", mds / "index.json")
         tmp.rmdir()
-        mf.fsync_path(mds)
+        fileio.fsync_path(mds)
     stats = mf.channel_stats_merge([r["stats"] for r in records])
     mean, std = mf.channel_stats_final(stats)
     class_counts = [0] * len(config["class_names"])
@@ -669,7 +643,7 @@ def _write_manifest(out: Path, config: dict[str, Any], records: list[dict[str, A
     }
     if "mds" in config["formats"]:
         manifest["mds_index_sha256"] = mds_index_sha256  # checked by --verify and on remote download
-    mf.write_json_atomic(out / mf.MANIFEST, manifest)
+    fileio.write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest
 
 

@@ -10,6 +10,9 @@ One way for the whole package (the encoder, the loader, the sampler, export, eva
   ``.<name>.<host>-<pid>-<thread>.tmp``, which :func:`temp_files_of` finds for whoever cleans up.
   ``durable=True`` also fsyncs the file and its directory (the rename survives a power cut).
 - :func:`write_json_atomic`, :func:`write_text_atomic`: the common cases.
+- :func:`lock_file`: a ``flock`` on a lock file, the one lock of the package (shard claims and the
+  finalizer of the encoder, the sampler's ``--out``, the creation of an MLflow SQLite store). The
+  kernel drops it when its holder dies, so a killed job never leaves a stale lock.
 - :func:`with_retries`: a call tried again after each of :data:`RETRY_WAITS_S` while it fails in a
   way that may pass (a file missing for a moment, an I/O error or stale handle on a parallel file
   system, a busy tracking server).
@@ -127,6 +130,35 @@ def write_json_exclusive(path: PathLike, obj: Any) -> bool:
         tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
     return True
+
+
+def lock_file(path: PathLike, *, blocking: bool, shared: bool = False) -> Optional[int]:
+    """A ``flock`` of the lock file ``path`` (created if missing): exclusive, or ``shared``. Returns
+    the open fd that holds it (``os.close`` releases it), or None when another process holds it and
+    ``blocking`` is False. A holder may remove the file while it holds it (so that no lock files
+    stay behind): a process that locked the removed file finds another inode at the path and tries
+    again. Raises ``OSError`` (no fd left open) where the file system has no ``flock`` (some NFS and
+    Lustre mounts: Lustre needs ``-o flock``); the caller decides whether to go on unlocked."""
+    import fcntl
+
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def is_oserror(exc: BaseException) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import glob
 import hashlib
 import json
@@ -27,7 +26,7 @@ import torch
 
 from .config import refuse_below_one
 from .distributed.env import barrier, broadcast_object, init_distributed, shutdown
-from .fileio import atomic_write, temp_files_of, write_text_atomic
+from .fileio import atomic_write, lock_file, temp_files_of, write_text_atomic
 from .flow import guided_velocity, sample
 from .metrics.numerics import float32_mode
 from .models import ATTENTION_BACKENDS, flash_attn_available
@@ -215,31 +214,29 @@ def weights_fingerprint(model: torch.nn.Module, manifest: dict[str, Any], normal
     return h.hexdigest()[:32]
 
 
-def _lock_parts(parts_dir: Path):
-    """Hold ``<parts>/lock`` for this job (the lock ends with the process, also when it is killed): a
-    second job writing the same ``--out`` at the same time is refused, naming the holder. It would
-    discard or overwrite the first job's parts, and each job would merge the other's parts as its
-    own. Where the file system takes no locks, a warning says that this is not checked."""
-    import fcntl
-
-    handle = open(parts_dir / "lock", "a+")
+def _lock_parts(parts_dir: Path) -> Optional[int]:
+    """Hold ``<parts>/lock`` for this job (:func:`~mpdit_dist.fileio.lock_file`; the lock ends with
+    the process, also when it is killed): a second job writing the same ``--out`` at the same time
+    is refused, naming the holder. It would discard or overwrite the first job's parts, and each
+    job would merge the other's parts as its own. Returns the fd that holds the lock (None where the
+    file system takes no locks: a warning says that this is not checked)."""
+    path = parts_dir / "lock"
     try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = lock_file(path, blocking=False)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            print(f"warning: cannot lock {handle.name} ({e}): two jobs sampling into the same --out at once "
-                  "would not be detected", file=sys.stderr)
-            return handle
-        handle.seek(0)
-        holder = handle.read().strip() or "a process"
-        handle.close()
-        raise SystemExit(f"another sampling job ({holder}) is writing {parts_dir}: wait for it to end, or give "
-                         "this job another --out")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
+        print(f"warning: cannot lock {path} ({e}): two jobs sampling into the same --out at once "
+              "would not be detected", file=sys.stderr)
+        return None
+    if fd is None:
+        try:
+            holder = path.read_text().strip()
+        except OSError:
+            holder = ""
+        raise SystemExit(f"another sampling job ({holder or 'a process'}) is writing {parts_dir}: wait for it to "
+                         "end, or give this job another --out")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
 
 
 def _setting_changes(old: Optional[dict], new: dict) -> list[str]:
@@ -484,7 +481,7 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
             lock = None
     finally:
         if lock is not None:
-            lock.close()
+            os.close(lock)
 
 
 def _already_written(out: Path, settings: dict) -> bool:
@@ -501,7 +498,7 @@ def _already_written(out: Path, settings: dict) -> bool:
         return False
 
 
-def _remove_parts(parts_dir: Path, lock, keep: bool) -> None:
+def _remove_parts(parts_dir: Path, lock: Optional[int], keep: bool) -> None:
     """Once the npz is written: remove the parts (as large as the npz: 39 GB for 50,000 samples at
     512 px) unless ``--keep-parts``, then release the lock. The lock file goes last, while still
     held, so that no other job can take it in between; an empty folder is removed."""
@@ -510,7 +507,7 @@ def _remove_parts(parts_dir: Path, lock, keep: bool) -> None:
             p.unlink(missing_ok=True)
         (parts_dir / "lock").unlink(missing_ok=True)
     if lock is not None:
-        lock.close()
+        os.close(lock)
     if not keep:
         try:
             parts_dir.rmdir()

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .config import TrackingConfig
-from .fileio import with_retries, write_text_atomic
+from .fileio import lock_file, with_retries, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,23 +100,17 @@ def store_init_lock(tracking_uri: str, timeout_s: float = 120.0) -> Iterator[Non
     TimeoutError if another process holds the lock for more than ``timeout_s``.
     """
     db = sqlite_path(tracking_uri)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        fcntl = None
-    if db is None or fcntl is None:
+    if db is None:
         yield
         return
     db.parent.mkdir(parents=True, exist_ok=True)
     lock_path = db.with_name(db.name + ".init.lock")
-    with open(lock_path, "a") as f:
-        locked = _flock(f, lambda: _no_store(db), time.monotonic() + timeout_s, lock_path,
-                        timeout_s)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    fd = _lock_store(lock_path, db, time.monotonic() + timeout_s, timeout_s)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _no_store(db: Path) -> bool:
@@ -126,32 +120,32 @@ def _no_store(db: Path) -> bool:
         return True
 
 
-def _flock(f, exclusive: Callable[[], bool], deadline: float, path: Path, timeout_s: float) -> bool:
-    """Lock ``f`` with ``flock``: exclusively while ``exclusive()`` (no store yet), else shared.
+def _lock_store(path: Path, db: Path, deadline: float, timeout_s: float) -> Optional[int]:
+    """``flock`` the lock file ``path`` (:func:`~mpdit_dist.fileio.lock_file`): exclusively while
+    there is no store ``db`` yet, else shared; the fd that holds it, None where the file system has
+    no flock.
 
-    ``exclusive()`` is asked again at each try: MLflow writes the database file only while its
-    creator holds the lock exclusively, so a process that finds a database waits only for that
+    Whether the store exists is asked again at each try: MLflow writes the database file only while
+    its creator holds the lock exclusively, so a process that finds a database waits only for that
     creator, not for the others that were also waiting to create it. Polls until ``deadline``
-    (TimeoutError); False where the file system has no flock.
+    (TimeoutError).
     """
-    import fcntl
-
     while True:
-        want_exclusive = exclusive()
+        want_exclusive = _no_store(db)
         try:
-            fcntl.flock(f, (fcntl.LOCK_EX if want_exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"another process has held {path} for over {timeout_s:g}s "
-                                   f"while opening the MLflow store") from None
-            time.sleep(0.05)
-            continue
+            fd = lock_file(path, blocking=False, shared=not want_exclusive)
         except OSError as exc:  # no flock on this file system (some Lustre mounts)
             logger.debug("cannot lock %s (%s); opening the store unlocked", path, exc)
-            return False
-        if not want_exclusive or exclusive():
-            return True
-        # another process created the store while this one waited: hold the lock shared only
+            return None
+        if fd is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another process has held {path} for over {timeout_s:g}s "
+                                   f"while opening the MLflow store")
+            time.sleep(0.05)
+            continue
+        if not want_exclusive or _no_store(db):
+            return fd
+        os.close(fd)  # another process created the store while this one waited: take it shared
 
 
 def open_client(tracking_uri: str):

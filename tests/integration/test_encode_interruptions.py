@@ -24,7 +24,7 @@ DRIVER = r'''
 import builtins, errno, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from data_prep import encode
-from mpdit_dist.data import manifest as mf
+from mpdit_dist import fileio
 
 kill = os.environ.get("FAULT_KILL")
 if kill:
@@ -40,9 +40,7 @@ if kill:
 
     os.replace = replace
 if os.environ.get("FAULT_TAG"):
-    from mpdit_dist import fileio
-
-    mf.temp_tag = fileio.temp_tag = lambda: os.environ["FAULT_TAG"]
+    fileio.temp_tag = lambda: os.environ["FAULT_TAG"]
 if os.environ.get("FAULT_ENOSPC"):
     part, limit = os.environ["FAULT_ENOSPC"].rsplit(":", 1)
     real_open, written = builtins.open, [0]

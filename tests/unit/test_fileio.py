@@ -126,3 +126,22 @@ def test_with_retries_continues_from_the_callers_first_try(fast_retries):
     tries = []
     out = fileio.with_retries(lambda: tries.append(1) or "second", first_error=OSError(errno.ESTALE, "stale"))
     assert out == "second" and len(tries) == 1
+
+
+def test_lock_file_exclusive_shared_and_a_removed_lock_file(tmp_path):
+    path = tmp_path / "x.lock"
+    held = fileio.lock_file(path, blocking=False)
+    assert held is not None
+    assert fileio.lock_file(path, blocking=False) is None  # a second holder is refused
+    assert fileio.lock_file(path, blocking=False, shared=True) is None
+    path.unlink()  # the holder removes the file while holding it: the next claimant gets a new one
+    again = fileio.lock_file(path, blocking=False)
+    assert again is not None and path.exists()
+    os.close(held)
+    os.close(again)
+    a = fileio.lock_file(path, blocking=False, shared=True)
+    b = fileio.lock_file(path, blocking=False, shared=True)  # shared holders do not exclude each other
+    assert a is not None and b is not None
+    assert fileio.lock_file(path, blocking=False) is None
+    os.close(a)
+    os.close(b)
