@@ -5,7 +5,8 @@ Layout of ``<run_dir>/checkpoints/step_XXXXXXXX/``:
   ``torch.distributed.checkpoint`` (each rank writes its own shards; resharding on load, so a run
   resumes on another world size);
 - ``trainer.json``: step, epoch, data-loader state, LR schedule, the logged loss's window since the
-  last log, MLflow run id, world size, global batch, resolved config, code version (written by rank 0);
+  last log, the step's sample grid and evaluation that a stopping run left to the resumed one
+  (``owed``), MLflow run id, world size, global batch, resolved config, code version (written by rank 0);
 - ``rng/rank{R}.pt``: RNG states of each rank (torch CPU and CUDA, numpy, python);
 - ``COMPLETE.json``: size and CRC32 of every file above, written last.
 
@@ -15,7 +16,11 @@ A crash at any moment leaves either the previous checkpoints or a ``tmp-`` direc
 start, a ``tmp-`` directory whose write had finished (DCP's ``.metadata``, which DCP writes only
 after every rank's shards, plus ``trainer.json`` and every rank's RNG file: an async save, or a
 save killed between its write and its rename) is checksummed and made visible; any other is
-deleted with a warning. Resume takes the newest complete checkpoint by step number, verifies the
+deleted with a warning. A second save of a step that has a checkpoint replaces it without a moment
+when neither exists: the old one is renamed aside (``replaced-step_XXXXXXXX``, which resume
+ignores), the new one into place, and only then is the old one deleted; a start after a crash
+between the two renames puts the old one back (:meth:`CheckpointManager.clean_partial`).
+Resume takes the newest complete checkpoint by step number, verifies the
 checksums and falls back to the one before, with a warning, when it is damaged; when every
 checkpoint is damaged it stops with an error that names them, and deletes nothing.
 
@@ -138,6 +143,7 @@ def fault_point(name: str, step: int, path: Optional[Path] = None) -> None:
 
 
 _DELETING = "deleting-"  # a checkpoint retention is removing: renamed first, so never half-deleted as step_*
+_REPLACED = "replaced-"  # a complete checkpoint a new save of its step replaces: kept until that one is in place
 
 
 def _remove(path: Path) -> None:
@@ -150,6 +156,28 @@ def _remove(path: Path) -> None:
         shutil.rmtree(gone)
     except OSError as exc:
         log.warning("could not delete old checkpoint %s: %s", path, exc)
+
+
+def _move_into_place(tmp: Path, final: Path, step: int) -> None:
+    """Rename the complete checkpoint ``tmp`` to ``final``, durably. When ``final`` exists (a second
+    save of step ``step``), it is renamed aside to ``replaced-<name>`` first and deleted only once
+    the new one is in place (the rename made durable): deleting it first would lose the step's
+    checkpoint to a crash before the new one is published. A crash between the two renames leaves
+    the old one aside, under a name that resume ignores, and :meth:`CheckpointManager.clean_partial`
+    puts it back at the next start."""
+    aside = final.with_name(_REPLACED + final.name)
+    if final.exists():
+        if aside.exists():  # left by a replacement whose deletion failed: ``final`` is complete
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        fault_point("replace", step, final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if aside.exists():
+        try:
+            shutil.rmtree(aside)
+        except OSError as exc:  # the new checkpoint is in place; the next start deletes the old one
+            log.warning("could not delete the replaced checkpoint %s: %s", aside, exc)
 
 
 def step_dir_name(step: int) -> str:
@@ -422,8 +450,8 @@ class CheckpointManager:
         tmp = self.root / ("tmp-" + step_dir_name(step))
 
         def prepare() -> None:
-            if final.exists():  # a re-save of the same step (e.g. end of run right after a periodic save)
-                shutil.rmtree(final)
+            # a checkpoint of this step already there (a second save of the step) stays until the
+            # new one is complete: it is replaced in the final rename (:func:`_move_into_place`)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             with open(tmp / "trainer.json", "w") as f:
@@ -471,17 +499,17 @@ class CheckpointManager:
             future.result()
         fault_point("save", step)
         barrier()
-        self._publish(tmp, final, then=lambda: self._retain(step))
+        self._publish(step, tmp, final, then=lambda: self._retain(step))
 
-    def _publish(self, tmp: Path, final: Path, then: Callable[[], None]) -> None:
+    def _publish(self, step: int, tmp: Path, final: Path, then: Callable[[], None]) -> None:
         """Collective: checksum ``tmp`` (shared by the ranks), then on rank 0 write its manifest,
-        rename it to ``final`` durably, and ``then()``."""
+        rename it to ``final`` durably (replacing a checkpoint of that step safely, see
+        :func:`_move_into_place`), and ``then()``."""
         entries = self._shared_manifest(tmp)
 
         def publish() -> None:
             write_manifest(tmp, entries)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            _move_into_place(tmp, final, step)
             then()
 
         on_rank0(self.rank, publish)
@@ -540,9 +568,11 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------------------
     def clean_partial(self) -> None:
-        """Collective, before anyone saves or resumes: make visible each ``tmp-`` directory whose
-        write had finished (see :func:`write_finished`; an async save whose process died before its
-        rename), remove the others (a save that was interrupted)."""
+        """Collective, before anyone saves or resumes: put back a checkpoint that a second save of its
+        step had renamed aside (``replaced-``) when the run stopped before the new one was in place,
+        or delete it when the new one is; make visible each ``tmp-`` directory whose write had
+        finished (see :func:`write_finished`; an async save whose process died before its rename),
+        remove the others (a save that was interrupted)."""
 
         def scan() -> list[str]:
             finished: list[str] = []
@@ -551,6 +581,18 @@ class CheckpointManager:
             for p in sorted(self.root.glob(f"{_DELETING}step_*")):
                 log.warning("removing %s (retention had begun to delete it when the run stopped)", p)
                 _remove(p)
+            # before the tmp- directories: the put-back checkpoint is the step's complete one
+            for p in sorted(self.root.glob(f"{_REPLACED}step_*")):
+                final = self.root / p.name[len(_REPLACED):]
+                if final.exists():
+                    log.warning("removing %s (a new save of that step had replaced it with %s when the run "
+                                "stopped)", p, final.name)
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.replace(p, final)
+                    _fsync_dir(self.root)
+                    log.warning("restored checkpoint %s from %s (a new save of that step was replacing it when "
+                                "the run stopped, before the new one was in place)", final.name, p.name)
             for p in sorted(self.root.glob("tmp-step_*")):
                 final = self.root / p.name[len("tmp-"):]
                 problem = "a complete checkpoint of that step exists" if final.exists() else write_finished(p)
@@ -563,7 +605,9 @@ class CheckpointManager:
 
         for p in map(Path, on_rank0(self.rank, scan)):
             final = self.root / p.name[len("tmp-"):]
-            self._publish(p, final, then=lambda p=p, final=final: log.warning(
+            named = _STEP_DIR.match(final.name)
+            step = int(named.group(1)) if named else -1
+            self._publish(step, p, final, then=lambda p=p, final=final: log.warning(
                 "checkpoint %s had been written but not made visible (the run stopped first): checksummed "
                 "and renamed to %s", p, final.name))
 

@@ -37,6 +37,12 @@ STOP_VOTE_EVERY = 10  # steps between the ranks' agreement on a stop request
 PREEMPTED_TRACKER_WAIT_S = 10.0  # how long a preempted run waits for queued MLflow calls
 _NONE_BAD = 2**62  # "no non-finite step seen" in the ranks' MIN vote
 FINAL_OUTPUTS = "final_outputs.json"  # <run_dir>/: the end-of-run sample grid and evaluation, once made
+OUTPUTS = ("samples", "eval")  # what a step may owe besides its checkpoint (final_outputs.json, "owed")
+
+
+def describe_outputs(outputs: list[str]) -> str:
+    """``["samples", "eval"]`` -> ``"sample grid and evaluation"``, for the log."""
+    return " and ".join({"samples": "sample grid", "eval": "evaluation"}.get(o, o) for o in outputs)
 
 
 class TrainingDiverged(RuntimeError):
@@ -152,6 +158,9 @@ class Trainer:
         # count; saved with a checkpoint, so a resume between two log steps logs the same mean
         self._window_loss = torch.zeros((), device=self.device)
         self._window_n = 0
+        # the sample grid and/or evaluation of the resumed step that the stopped run left for this
+        # one (its checkpoint's "owed"), made before the first step: see _make_owed_outputs
+        self._owed: list[str] = []
         self.ckpt = CheckpointManager(self.run_dir, rank=self.dist.rank, keep_last=cfg.checkpoint.keep_last,
                                       keep_every=cfg.checkpoint.keep_every)
 
@@ -321,10 +330,14 @@ class Trainer:
                        optim_state_dict=state["optim"])
         self.ema.load_state_dict(state["ema"])
 
-    def trainer_state(self, log_window: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def trainer_state(self, log_window: Optional[dict[str, Any]] = None,
+                      owed: Optional[list[str]] = None) -> dict[str, Any]:
+        """What trainer.json records. ``owed``: the outputs of this step (``"samples"``, ``"eval"``)
+        that a stopping run skipped, for the resumed run to make first (see :meth:`_owed_from`)."""
         return {
             "step": self.step,
             "log_window": log_window,
+            "owed": {"step": self.step, "outputs": list(owed)} if owed else None,
             "epoch": getattr(self.loader, "epoch", None),
             "data": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -422,8 +435,10 @@ class Trainer:
         self._window_loss = torch.tensor(mine, dtype=torch.float32, device=self.device)
         self._window_n = n
 
-    def save_checkpoint(self) -> Path:
-        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state(self._log_window_state()),
+    def save_checkpoint(self, owed: Optional[list[str]] = None) -> Path:
+        """Collective. ``owed``: this step's sample grid and/or evaluation, skipped by a stopping run
+        and recorded in the checkpoint for the resumed run to make."""
+        path = self.ckpt.save(self.step, self._tensor_state(), self.trainer_state(self._log_window_state(), owed),
                               extra_writer=self._engine_io()[0],
                               async_save=self.cfg.checkpoint.async_save and self.engine is None)
         if self.dist.is_main:
@@ -462,11 +477,36 @@ class Trainer:
         self._report_flow_changes(tstate, path)
         self.loader.load_state_dict(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)
         self._restore_log_window(tstate.get("log_window"))
+        self._owed = self._owed_from(tstate, path)
         if self.ckpt.holds(path):
             self.ckpt.supersede_after(self.step)
         if self.dist.is_main:
             log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step,
                      tstate.get("world_size", 0), self.dist.world_size)
+
+    def _owed_from(self, tstate: dict[str, Any], path: Path) -> list[str]:
+        """The outputs of the checkpoint's step that the run which wrote it owes (stopped at that step
+        before making them), which this run's config still asks for. Every rank gets rank 0's
+        trainer.json, so every rank gets the same list (the outputs are collective). A checkpoint of
+        older code has no ``owed``: nothing owed."""
+        owed = tstate.get("owed")
+        if not owed:
+            return []
+        step = int(tstate["step"])
+        outputs = owed.get("outputs") if isinstance(owed, dict) and owed.get("step") == step else None
+        if not isinstance(outputs, list) or any(o not in OUTPUTS for o in outputs):
+            if self.dist.is_main:
+                log.warning("checkpoint %s: unreadable record of owed outputs %r (expected {\"step\": %d, "
+                            "\"outputs\": a list of %s}); nothing made for it", path, owed, step, ", ".join(OUTPUTS))
+            return []
+        t = self.cfg.train
+        wanted = {"samples": t.sample_every > 0, "eval": t.eval_every > 0}
+        dropped = [o for o in outputs if not wanted[o]]
+        if dropped and self.dist.is_main:
+            log.warning("checkpoint %s: its run stopped before making the %s of step %d; not made, since this "
+                        "run's config turns the %s off (train.sample_every=%d, train.eval_every=%d)", path,
+                        describe_outputs(outputs), step, describe_outputs(dropped), t.sample_every, t.eval_every)
+        return [o for o in outputs if wanted[o]]
 
     def _apply_optim_config(self) -> None:
         """After a resume: the learning rate, betas, eps and weight decay are this run's config's.
@@ -702,15 +742,37 @@ class Trainer:
 
     def _record_final_outputs(self) -> None:
         if self.dist.is_main:
-            from .data.manifest import write_json_atomic
+            from .fileio import write_json_atomic
 
             write_json_atomic(self.run_dir / FINAL_OUTPUTS, {"step": self.step, "outputs": self.final_outputs()})
 
-    def _make_missing_final_outputs(self) -> None:
+    def _make_owed_outputs(self) -> list[str]:
+        """Collective (every rank has the same list, see :meth:`_owed_from`; sampling and evaluation
+        are collective): before the first step, make the sample grid and/or evaluation that the run
+        stopped at the resumed step skipped (recorded as owed in its checkpoint), at that step from
+        the checkpoint's weights and EMA, as an uninterrupted run made them: the grid files of that
+        step, the ``eval/*`` metrics logged at that step. Returns what was made. A run that stops
+        again before this is done resumes from the same checkpoint and makes them then."""
+        owed, self._owed = self._owed, []
+        if not owed:
+            return []
+        if self.dist.is_main:
+            log.info("making the %s of step %d first: the run stopped at that step before making %s",
+                     describe_outputs(owed), self.step, "them" if len(owed) > 1 else "it")
+        if "samples" in owed:
+            self.sample_grid()
+        if "eval" in owed:
+            self.evaluate()
+        if self.dist.is_main:
+            log.info("made the postponed %s of step %d; training on", describe_outputs(owed), self.step)
+        return owed
+
+    def _make_missing_final_outputs(self, made: Optional[list[str]] = None) -> None:
         """Collective. A run started again at its last step (stopped after the final checkpoint but
         before its final sample grid or evaluation was made: a crash or an out-of-memory error in the
         evaluation, a kill) makes what ``final_outputs.json`` does not list yet. A run finished before
-        that file existed makes them again."""
+        that file existed makes them again. ``made``: those just made as owed by a stopped run
+        (:meth:`_make_owed_outputs`), not made twice."""
         record = None
         if self.dist.is_main:
             path = self.run_dir / FINAL_OUTPUTS
@@ -722,8 +784,10 @@ class Trainer:
                 log.warning("%s is unreadable (%s): making the end-of-run outputs again", path, exc)
         record = broadcast_object(record)
         done = set(record.get("outputs", [])) if isinstance(record, dict) and record.get("step") == self.step else set()
-        todo = [o for o in self.final_outputs() if o not in done]
+        todo = [o for o in self.final_outputs() if o not in done and o not in (made or [])]
         if not todo:
+            if made:
+                self._record_final_outputs()
             return
         if self.dist.is_main:
             log.info("run at its last step %d without its end-of-run %s: making them now", self.step,
@@ -862,9 +926,10 @@ class Trainer:
     def _loop(self) -> str:
         cfg, d = self.cfg, self.dist
         total = cfg.train.steps
+        made = self._make_owed_outputs()
         if self.step >= total:
             if self.step == total:
-                self._make_missing_final_outputs()
+                self._make_missing_final_outputs(made)
             return "finished"
         bar = None
         if d.is_main and cfg.train.progress_bar:
@@ -924,6 +989,10 @@ class Trainer:
             sample_due = cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0
             eval_due = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0
             ckpt_due = (cfg.train.ckpt_every > 0 and step % cfg.train.ckpt_every == 0) or step == total or stop
+            # a stopping run skips this step's sample grid and evaluation: they would take minutes (an
+            # FID) of the time before SIGKILL that the requeue needs. Its checkpoint records them as
+            # owed, and the resumed run makes them first, from the same weights and EMA at this step
+            owed = [o for o, due in zip(OUTPUTS, (sample_due, eval_due)) if due] if stop else []
             if log_due or sample_due or eval_due or ckpt_due:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # the step's own kernels count for the step
@@ -965,11 +1034,11 @@ class Trainer:
                 # step's checkpoint (a resume would then fail at the same step again)
                 t_other = time.perf_counter()
                 if ckpt_due:
-                    self.save_checkpoint()
+                    self.save_checkpoint(owed)
                     fault_point("after_save", step)
-                if sample_due:
+                if sample_due and not stop:
                     self.sample_grid()
-                if eval_due:
+                if eval_due and not stop:
                     self.evaluate()
                 window_other += time.perf_counter() - t_other
             if stop:
@@ -979,6 +1048,10 @@ class Trainer:
                     log.warning("stop requested (%s): stopped at step %d of %d with its checkpoint %s; continue "
                                 "with --resume auto", ", ".join(self.stop_reasons) or "?", step, total,
                                 self.ckpt.root / step_dir_name(step))
+                    if owed:
+                        log.warning("skipped the %s due at step %d, recorded as owed in its checkpoint: the "
+                                    "resumed run makes %s for that step before it trains on",
+                                    describe_outputs(owed), step, "them" if len(owed) > 1 else "it")
                 if bar is not None:
                     bar.close()
                 return "preempted"
