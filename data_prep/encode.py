@@ -490,7 +490,7 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
         if existing:
             raise ConfigMismatch(f"--out {out} holds shards ({existing[0]}) but no {mf.ENCODE_CONFIG}; "
                                  f"use an empty output directory")
-        if mf.write_json_exclusive(path, config):
+        if fileio.write_json_exclusive(path, config):
             return
     try:
         old = json.loads(path.read_text())

@@ -43,8 +43,6 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from ..fileio import fsync_path, temp_tag, write_json_atomic, write_json_exclusive  # noqa: F401 - re-exported
-
 MANIFEST = "manifest.json"
 ENCODE_CONFIG = "encode_config.json"
 PARTS_DIR = "parts"

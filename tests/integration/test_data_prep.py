@@ -11,6 +11,7 @@ from PIL import Image
 from data_prep.encode import ConfigMismatch, encode_dataset, main, world_from_env
 from data_prep.fixtures import save_tiny_vae, write_test_image_folder
 from data_prep.images import BadImage, center_crop_arr, list_image_folder, to_rgb
+from mpdit_dist import fileio
 from mpdit_dist.data import manifest as mf
 from mpdit_dist.data import read_manifest
 
@@ -258,15 +259,15 @@ def test_finalize_rejects_records_that_do_not_tile_the_images(tmp_path):
     part = out / "parts" / "part-000001.json"
     rec = json.loads(part.read_text())
     rec["first_image"] = 3  # a record of another partition: images 3..6 overlap shard 0's
-    mf.write_json_atomic(part, rec)
+    fileio.write_json_atomic(part, rec)
     with pytest.raises(ValueError, match=r"part-000001.json: shard 1's record says .*'first_image': 3"):
         finalize(out)
     rec["first_image"], rec["num_images"] = 4, 3
-    mf.write_json_atomic(part, rec)
+    fileio.write_json_atomic(part, rec)
     with pytest.raises(ValueError, match=r"part-000001.json: shard 1's record says .*'num_images': 3"):
         finalize(out)
     rec["num_images"] = 4
-    mf.write_json_atomic(part, rec)
+    fileio.write_json_atomic(part, rec)
     assert finalize(out)["num_samples"] == 10
 
 

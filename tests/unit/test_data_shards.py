@@ -392,12 +392,12 @@ def test_manifest_fields_are_checked_when_read(tmp_path, change, words):
 
 
 def test_a_failed_json_write_leaves_no_temp_file(tmp_path):
-    from mpdit_dist.data import manifest as mf
+    from mpdit_dist import fileio
 
     target = tmp_path / "encode_config.json"
-    for write in (mf.write_json_atomic, mf.write_json_exclusive):
+    for write in (fileio.write_json_atomic, fileio.write_json_exclusive):
         with pytest.raises(TypeError):
-            write(target, {"ok": 1, "bad": object()})  # fails half-way through the dump
+            write(target, {"ok": 1, "bad": object()})  # fails in the middle of serialising
         assert list(tmp_path.iterdir()) == []
 
 
