@@ -21,6 +21,24 @@ TINY = [
 ]
 
 
+def stop_during_step(mp) -> dict:
+    """Patch ``Trainer.train_step`` (with ``mp``, a ``pytest.MonkeyPatch``) so that a stop request, as
+    from SLURM's warning signal, comes during step ``at["step"]`` of the returned ``at`` (None: no stop)."""
+    from mpdit_dist import preemption, trainer
+
+    at: dict = {"step": None}
+    step = trainer.Trainer.train_step
+
+    def train_step(self, batch):
+        out = step(self, batch)
+        if self.step == at["step"]:
+            preemption.request_stop("SIGUSR2")
+        return out
+
+    mp.setattr(trainer.Trainer, "train_step", train_step)
+    return at
+
+
 def digits_npz(path: Path, n: int | None = None) -> Path:
     import torch
     from sklearn.datasets import load_digits

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.runs import REPO, TINY, digits_npz, env, losses
+from tests.helpers.runs import REPO, TINY, digits_npz, env, losses, stop_during_step
 
 STEPS = 4
 PERIODIC = ["train.ckpt_every=0", "train.sample_every=2", "train.eval_every=2", "train.sample_steps=2",
@@ -49,14 +49,8 @@ def run(files):
     from mpdit_dist import config as C
     from mpdit_dist import preemption, trainer
 
-    stop_at = {"step": None}
-    step = trainer.Trainer.train_step
-
-    def train_step(self, batch):
-        out = step(self, batch)
-        if self.step == stop_at["step"]:
-            preemption.request_stop("SIGUSR2")
-        return out
+    mp = pytest.MonkeyPatch()
+    stop_at = stop_during_step(mp)
 
     def go(run_dir, stop=None, steps=STEPS):
         cfg = C.load_config(str(REPO / "configs/demo.yaml"), TINY + PERIODIC + [
@@ -69,9 +63,10 @@ def run(files):
         finally:
             preemption.clear()
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer.Trainer, "train_step", train_step)
+    try:
         yield go
+    finally:
+        mp.undo()
 
 
 def _grids(run_dir) -> dict[str, bytes]:

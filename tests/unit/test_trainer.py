@@ -296,18 +296,9 @@ def test_a_stop_request_during_the_last_step_finishes_the_run(tmp_path, npz, mon
     resumed run, tests/unit/test_stop_owed_outputs.py)."""
     from mpdit_dist import config as C
     from mpdit_dist import preemption, trainer
-    from tests.helpers.runs import REPO, TINY
+    from tests.helpers.runs import REPO, TINY, stop_during_step
 
-    stop_at = {}
-    step = trainer.Trainer.train_step
-
-    def train_step(self, batch):
-        out = step(self, batch)
-        if self.step == stop_at["step"]:
-            preemption.request_stop("SIGUSR2")
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
+    stop_at = stop_during_step(monkeypatch)
     cfg = C.load_config(str(REPO / "configs/demo.yaml"), TINY + [
         f"data.path={npz}", "train.steps=3", "train.ckpt_every=0", "train.sample_every=2", "train.sample_steps=2",
         "train.sample_classes=[0,1]"])
