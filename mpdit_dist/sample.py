@@ -400,8 +400,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     number of ranks, so 1 rank and N ranks write the same images. Finished parts are kept in
     ``<out>.parts/`` until the npz is written (then removed, unless ``--keep-parts``): a rerun of
     an interrupted command skips them (resumable), on any number of ranks, and samples again those
-    it cannot read back whole; a rerun of a finished one finds the npz of its settings and stops. Parts of other settings or other weights
-    (by digest) are discarded, naming what changed. Files are written whole or not at all (renamed
+    it cannot read back whole; a rerun of a finished one finds the npz of its settings and stops.
+    Parts of other settings or other weights (by digest) are discarded, naming what changed. Files are written whole or not at all (renamed
     into place); a second job on the same ``--out`` while one runs is refused (``<out>.parts/lock``)."""
     args, ap = _parse_args(argv)
 
