@@ -129,8 +129,12 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: Optional[int] = None, 
     if factor > 1:
         im = im.resize((im.width * factor, im.height * factor), Image.NEAREST)
     path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension (use .png)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
+    with atomic_write(path) as f:  # whole or not at all: a cut-short grid would be uploaded to MLflow as is
+        im.save(f, format=fmt)
     return path
 
 

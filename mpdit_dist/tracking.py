@@ -21,7 +21,9 @@ start-up nothing MLflow does raises into the training loop: MLflow calls run on 
 thread (a slow server or a SQLite commit never stalls a step); a call that fails is tried again
 for about 20 s, and one that still fails switches MLflow off for the rest of the run with one
 warning. Each start of a run adds to its MLflow run the metric values of ``metrics.jsonl`` that
-MLflow lacks, so a run whose MLflow logging failed is complete again after its next start
+MLflow lacks, and the files of the run directory that are artifacts of the run (sample grids, the
+config, the profile summary: :data:`RUN_ARTIFACTS`) that MLflow lacks, so a run whose MLflow logging
+failed, or whose queue was abandoned when it was preempted, is complete again after its next start
 (a requeue, a resume, or the same command once more after the end). The thread is ours rather than
 MLflow's own async logging because we need the failure policy above, artifacts on the same
 ordered queue, and a bounded flush on ``close``.
@@ -41,8 +43,8 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from .config import TrackingConfig
 from .fileio import lock_file, with_retries, write_text_atomic
@@ -222,6 +224,75 @@ def missing_metrics(client, run_id: str, records: list[dict[str, Any]]) -> tuple
     return missing, short_of
 
 
+# --------------------------------------------------------------------------- run-directory artifacts
+
+# The files of a run directory that are artifacts of its MLflow run: glob patterns relative to the
+# run directory, whose ``*`` stays within one folder. A file's artifact path in the run is its path
+# in the run directory (:func:`run_artifact_path`). The trainer logs each one when it is made
+# (:meth:`Tracker.log_run_file`), and each start of the run adds those that MLflow lacks
+# (:func:`missing_artifacts`): both go through :func:`run_artifact_path`, so they cannot drift apart.
+RUN_ARTIFACTS = (
+    "config.yaml",  # the resolved config (trainer.fit, at every start)
+    "samples/*.png",  # the sample grids (trainer.sample_grid)
+    "profile/step_*/rank0.txt",  # the profiled window's summary (trainer._report_profile)
+)
+
+
+def run_artifact_path(run_dir: str | Path, path: str | Path) -> Optional[str]:
+    """The artifact path in the MLflow run (as ``list_artifacts`` names it: ``samples/x.png``) of
+    the run-directory file ``path``, or None when :data:`RUN_ARTIFACTS` does not name it."""
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(run_dir))
+    except ValueError:
+        return None
+    rel = PurePosixPath(rel.as_posix())
+    for pattern in RUN_ARTIFACTS:
+        # PurePath.match anchors a relative pattern at the right only: equal lengths make it whole
+        if len(rel.parts) == len(PurePosixPath(pattern).parts) and rel.match(pattern):
+            return str(rel)
+    return None
+
+
+def run_artifact_files(run_dir: str | Path) -> dict[str, Path]:
+    """The files of ``run_dir`` that are artifacts of its run (:data:`RUN_ARTIFACTS`), by artifact
+    path."""
+    run_dir = Path(run_dir)
+    files: dict[str, Path] = {}
+    for pattern in RUN_ARTIFACTS:
+        for path in sorted(run_dir.glob(pattern)):
+            key = run_artifact_path(run_dir, path)
+            if key is not None and path.is_file():
+                files[key] = path
+    return files
+
+
+def missing_artifacts(client, run_id: str, sizes: Mapping[str, int]) -> list[str]:
+    """The artifact paths of ``sizes`` (artifact path -> size in bytes of the local file) that the
+    MLflow run lacks: not listed, or listed with another size (an upload cut short). A store that
+    does not report sizes is trusted by name. Lists only the folders that hold the paths."""
+    by_folder: dict[str, list[str]] = {}
+    for key in sizes:
+        by_folder.setdefault(posixpath.dirname(key), []).append(key)
+    missing = []
+    for folder, keys in sorted(by_folder.items()):
+        listed = {f.path: f.file_size for f in client.list_artifacts(run_id, folder or None) if not f.is_dir}
+        missing += [k for k in keys if k not in listed or listed[k] not in (None, sizes[k])]
+    return sorted(missing)
+
+
+def _file_signature(path: Path) -> Optional[tuple[int, int]]:
+    """(size, mtime in ns) of a file, or None if it is gone: its content changed when this did."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _scalar(value: Any) -> Any:
     """torch / numpy scalars -> Python numbers; anything else unchanged."""
     item = getattr(value, "item", None)
@@ -301,12 +372,31 @@ class _Metrics:
         self.items = items
 
 
+class _Artifact:
+    """One queued artifact upload: ``local`` (a file, or a folder's files) into the run under the
+    folder ``folder`` (None: the root). ``key``: the artifact path of a run-directory file
+    (:func:`run_artifact_path`), whose content the worker uploads at most once."""
+
+    __slots__ = ("local", "folder", "key")
+
+    def __init__(self, local: Path, folder: Optional[str], key: Optional[str] = None):
+        self.local, self.folder, self.key = local, folder, key
+
+    def name(self) -> str:
+        return self.key or str(self.local)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", None) not in _PERMANENT_ERRORS
+
+
 class _MlflowWorker:
     """Runs MLflow calls in order on a daemon thread. A call that fails is tried again after
     pauses (:data:`mpdit_dist.fileio.RETRY_WAITS_S`, ~20 s in all: a store held locked past
-    SQLite's 20 s busy timeout, a server restarting); one that still fails switches MLflow off for the rest of the
-    run. What is skipped then is counted (calls, and metric values: ``metrics.jsonl`` has them,
-    and the run's next start adds them to MLflow, :func:`missing_metrics`)."""
+    SQLite's 20 s busy timeout, a server restarting); one that still fails switches MLflow off for
+    the rest of the run. What is skipped then is counted (calls, metric values and artifacts: ``metrics.jsonl`` and
+    the run directory have them, and the run's next start adds them to MLflow,
+    :func:`missing_metrics`, :func:`missing_artifacts`)."""
 
     def __init__(self, client, run_id: str, describe: str, jsonl: Path):
         self._client = client
@@ -317,14 +407,40 @@ class _MlflowWorker:
         self.failed = False
         self.dropped = 0
         self.dropped_values = 0  # metric values among the dropped calls
+        self.dropped_artifacts: list[str] = []  # the artifacts among them (_Artifact.name)
+        # artifact path -> _file_signature of the run-directory files uploaded by this process
+        # (worker thread only): the same content is not uploaded twice
+        self.uploaded: dict[str, tuple[int, int]] = {}
         self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
-    def submit(self, op: Callable[[], None] | _Metrics) -> None:
+    def submit(self, op: Callable[[], None] | _Metrics | _Artifact) -> None:
         self._queue.put(op)
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def pending_artifacts(self) -> list[str]:
+        """The artifacts still queued (names, :meth:`_Artifact.name`)."""
+        with self._queue.mutex:
+            return [item.name() for item in self._queue.queue if isinstance(item, _Artifact)]
+
+    def call(self, op: Callable[[], Any]) -> Any:
+        """``op()`` with the store's retry policy; its error once that gives up."""
+        return with_retries(op, retry_if=_retryable, on_retry=self._note_retry)
+
+    def upload(self, item: _Artifact) -> None:
+        """Upload one artifact (no retry: see :meth:`call`); a run-directory file whose content
+        this process uploaded already is skipped."""
+        sig = _file_signature(item.local) if item.key is not None else None
+        if sig is not None and self.uploaded.get(item.key) == sig:
+            return
+        if item.local.is_dir():
+            self._client.log_artifacts(self._run_id, str(item.local), item.folder)
+        else:
+            self._client.log_artifact(self._run_id, str(item.local), item.folder)
+        if sig is not None:
+            self.uploaded[item.key] = sig
 
     def _loop(self) -> None:
         held = None
@@ -347,6 +463,8 @@ class _MlflowWorker:
                         held = nxt
                         break
                 op = (lambda m=metrics: self._client.log_batch(self._run_id, metrics=m))
+            elif isinstance(item, _Artifact):
+                op = (lambda a=item: self.upload(a))
             else:
                 op = item
             if not self.failed:
@@ -355,20 +473,22 @@ class _MlflowWorker:
                 self.dropped += 1
                 if isinstance(item, _Metrics):
                     self.dropped_values += len(metrics)
+                elif isinstance(item, _Artifact):
+                    self.dropped_artifacts.append(item.name())
+
+    def _note_retry(self, exc: BaseException, pause: float) -> None:
+        logger.info("MLflow call to %s failed (%s: %s); trying again in %gs", self._describe,
+                    type(exc).__name__, _truncate(str(exc), 200), pause)
 
     def _run(self, op: Callable[[], None]) -> None:
-        def note(exc: BaseException, pause: float) -> None:
-            logger.info("MLflow call to %s failed (%s: %s); trying again in %gs", self._describe,
-                        type(exc).__name__, _truncate(str(exc), 200), pause)
-
         try:
-            with_retries(op, retry_if=lambda exc: getattr(exc, "error_code", None) not in _PERMANENT_ERRORS,
-                         on_retry=note)
+            self.call(op)
         except Exception as exc:  # noqa: BLE001 - any failure of the store ends MLflow logging
             self.failed = True
             logger.warning(
                 "MLflow logging to %s failed (%s: %s); MLflow tracking is off for the rest "
-                "of this run, metrics continue in %s (the run's next start adds them to MLflow)",
+                "of this run, metrics continue in %s (the run's next start adds to MLflow the "
+                "metric values and run-directory artifacts it lacks)",
                 self._describe, type(exc).__name__, _truncate(str(exc), 300), self._jsonl)
 
     def close(self, timeout: float) -> bool:
@@ -429,9 +549,19 @@ class Tracker:
             ``resume_changed.<key>`` (MLflow refuses to change a param) with a warning.
         tags: run tags (git commit, model, world size, backend, ...). ``mlflow.source.git.commit``
             is added when this package sits in a git repository.
+        artifacts: run-directory files that this start (re)writes and logs at once, such as the
+            resolved ``config.yaml`` (:meth:`log_run_file`). They are queued before the start compares
+            the run directory with the run's artifacts, so they are neither reported as missing
+            nor uploaded twice.
         console: print the MLflow run id and store at start (rank 0).
         probe_timeout_s: how long start-up waits for an HTTP tracking server.
         close_timeout_s: how long ``close`` waits for queued MLflow calls to finish.
+
+    Each start of a run that has earlier starts behind it (a ``metrics.jsonl`` with records, or
+    an MLflow run to resume) adds, on the background thread, what MLflow lacks: the metric values
+    of ``metrics.jsonl`` (:func:`missing_metrics`) and the run-directory files of
+    :data:`RUN_ARTIFACTS` (:func:`missing_artifacts`, by path and size), each counted in one
+    warning. A failure there is a warning; training does not wait for it.
 
     ``run_id`` is the MLflow run id on rank 0 while MLflow is reachable, else None (other
     ranks, tracking off, store unavailable). Call the methods from one thread (the training
@@ -450,6 +580,7 @@ class Tracker:
         results_dir: str | Path,
         params: Optional[Mapping[str, Any]] = None,
         tags: Optional[Mapping[str, Any]] = None,
+        artifacts: Iterable[str | Path] = (),
         console: bool = True,
         probe_timeout_s: float = 5.0,
         close_timeout_s: float = 60.0,
@@ -473,6 +604,7 @@ class Tracker:
             return
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        earlier_start = self.metrics_path.exists() and self.metrics_path.stat().st_size > 0
         self._open_metrics_file()
         if not cfg.enabled:
             logger.warning("MLflow tracking is off (tracking.enabled=false); metrics go to %s "
@@ -480,8 +612,8 @@ class Tracker:
             return
         self.tracking_uri = cfg.uri or default_tracking_uri(results_dir)
         try:
-            client, run_id, experiment_id = self._start(params or {}, dict(tags or {}),
-                                                        probe_timeout_s)
+            client, run_id, experiment_id, resumed = self._start(params or {}, dict(tags or {}),
+                                                                 probe_timeout_s)
         except Exception as exc:  # noqa: BLE001 - a broken store must not stop training
             logger.warning(
                 "MLflow tracking unavailable at %s (%s: %s); training continues with metrics in "
@@ -491,9 +623,18 @@ class Tracker:
             return
         self.run_id, self.experiment_id = run_id, experiment_id
         self._worker = _MlflowWorker(client, run_id, self.tracking_uri, self.metrics_path)
-        if self.metrics_path.stat().st_size > 0:  # records of earlier starts of this run
+        logged_now = set()
+        for path in artifacts:
+            self.log_run_file(path)
+            logged_now.add(run_artifact_path(self.run_dir, path))
+        if earlier_start:  # records of earlier starts of this run
             records = read_metrics(self.metrics_path)
             self._worker.submit(lambda: self._add_missing_metrics(client, run_id, records))
+        if earlier_start or resumed:
+            # the files of earlier starts (those this start makes are logged as they are made)
+            files = {k: p for k, p in run_artifact_files(self.run_dir).items() if k not in logged_now}
+            if files:
+                self._worker.submit(lambda: self._add_missing_artifacts(client, run_id, files))
         if console:
             print(f"MLflow run {run_id} (experiment '{cfg.experiment}') in {self.tracking_uri}",
                   flush=True)
@@ -519,7 +660,8 @@ class Tracker:
             self._file.flush()
 
     def _start(self, params: Mapping[str, Any], tags: dict[str, Any], probe_timeout_s: float):
-        """Find or create the experiment, resume or create the run, log params and tags."""
+        """Find or create the experiment, resume or create the run, log params and tags. Returns
+        the client, the run id, the experiment id and whether the run was resumed."""
         uri = self.tracking_uri
         assert uri is not None
         if uri.startswith(("http://", "https://")):
@@ -529,6 +671,7 @@ class Tracker:
         with bounded_http(probe_timeout_s):
             client = open_client(uri)
             run = self._resume_run(client)
+            resumed = run is not None
             if run is None:
                 experiment_id = self._experiment_id(client, MlflowException)
                 commit = _git_commit(Path(__file__).resolve().parent)
@@ -553,7 +696,7 @@ class Tracker:
             tags.update({f"resume_changed.{k}": v for k, v in changed.items()})
             self._log_params_now(client, run_id, param_entities)
             self._set_tags_now(client, run_id, tags)
-        return client, run_id, experiment_id
+        return client, run_id, experiment_id, resumed
 
     def _add_missing_metrics(self, client, run_id: str, records: list[dict[str, Any]]) -> None:
         """Worker thread: the values of earlier starts that never reached MLflow (it was off,
@@ -564,6 +707,34 @@ class Tracker:
         if missing:
             logger.warning("MLflow run %s lacked %d value(s) of %d metric(s) that %s holds (logged while MLflow "
                            "was off or failing); added them", run_id, len(missing), keys, self.metrics_path)
+
+    def _add_missing_artifacts(self, client, run_id: str, files: Mapping[str, Path]) -> None:
+        """Worker thread: upload the run-directory files ``files`` (artifact path -> file) of earlier
+        starts that the MLflow run lacks (uploaded while MLflow was off or failing, or still queued
+        when a preempted run stopped waiting). Never switches MLflow off: a failure, after the
+        store's retries, is one warning, and the next start tries again."""
+        worker = self._worker
+        sizes = {}
+        for key, path in files.items():
+            sig = _file_signature(path)
+            if sig is not None:  # a file removed since the start is no longer owed
+                sizes[key] = sig[0]
+        missing: Optional[list[str]] = None
+        added: list[str] = []
+        try:
+            missing = worker.call(lambda: missing_artifacts(client, run_id, sizes))
+            for key in missing:
+                worker.call(lambda k=key: worker.upload(_Artifact(files[k], posixpath.dirname(k) or None, k)))
+                added.append(key)
+        except Exception as exc:  # noqa: BLE001 - a repair must never cost the run
+            left = "the" if missing is None else f"{len(missing) - len(added)} of the {len(missing)}"
+            logger.warning("could not add %s missing artifact(s) of %s to MLflow run %s (%s: %s); the run's next "
+                           "start tries again", left, self.run_dir, run_id, type(exc).__name__,
+                           _truncate(str(exc), 300))
+        if added:
+            logger.warning("MLflow run %s: added %d artifact(s) MLflow lacked: %s (files of %s logged while MLflow "
+                           "was off or failing, or still queued when a start of the run stopped)", run_id,
+                           len(added), _listing(added), self.run_dir)
 
     def _resume_run(self, client):
         """The run named in ``<run_dir>/mlflow_run_id``, or None to start a new one."""
@@ -725,11 +896,27 @@ class Tracker:
                 self._artifact_warned = True
                 logger.warning("log_artifact: %s does not exist; not logged", path)
             return
-        client, run_id = self._worker._client, self.run_id
-        if path.is_dir():
-            self._worker.submit(lambda: client.log_artifacts(run_id, str(path), artifact_path))
-        else:
-            self._worker.submit(lambda: client.log_artifact(run_id, str(path), artifact_path))
+        key = run_artifact_path(self.run_dir, path)
+        if key is not None and (posixpath.dirname(key) or None) != (artifact_path or None):
+            key = None  # logged under another path than the one each start compares
+        self._worker.submit(_Artifact(path, artifact_path, key))
+
+    def log_run_file(self, path: str | Path) -> None:
+        """Log a file of the run directory under its artifact path :func:`run_artifact_path` (its
+        path in the run directory): the path each start of the run compares with the run's
+        artifacts to add those that MLflow lacks. A file that :data:`RUN_ARTIFACTS` does not name
+        is not logged (one warning: add its pattern there).
+
+        Uploads happen on the background thread, as :meth:`log_artifact`'s.
+        """
+        if self._worker is None or self._closed:
+            return
+        key = run_artifact_path(self.run_dir, path)
+        if key is None:
+            logger.warning("log_run_file: %s is no artifact of the run (mpdit_dist.tracking.RUN_ARTIFACTS "
+                           "names none such under %s); not logged", path, self.run_dir)
+            return
+        self.log_artifact(path, posixpath.dirname(key) or None)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until queued MLflow calls are done (True) or ``timeout`` passes (False)."""
@@ -750,7 +937,9 @@ class Tracker:
         """End the MLflow run with ``status`` (FINISHED, FAILED or KILLED) and close the file.
 
         Waits at most ``timeout_s`` (default ``close_timeout_s``) for queued MLflow calls, then
-        abandons them (metrics.jsonl holds everything); safe to call twice.
+        abandons them (metrics.jsonl and the run directory hold everything, and the run's next start
+        adds what MLflow lacks); safe to call twice. The log counts the calls abandoned, or skipped
+        after a failure, and names the artifacts among them.
         """
         wait_s = self._close_timeout_s if timeout_s is None else timeout_s
         if status not in _STATUSES:
@@ -762,12 +951,18 @@ class Tracker:
             client, run_id = self._worker._client, self.run_id
             self._worker.submit(lambda: client.set_terminated(run_id, status))
             if not self._worker.close(wait_s):
-                logger.warning("MLflow still busy after %.0fs; %d queued call(s) abandoned "
-                               "(metrics.jsonl is complete)", wait_s, self._worker.pending())
+                artifacts = self._worker.pending_artifacts()
+                logger.warning("MLflow still busy after %.0fs; %d queued call(s) abandoned, %d artifact "
+                               "upload(s) among them%s (metrics.jsonl and the run directory are complete; the "
+                               "run's next start adds to MLflow the metric values and run-directory artifacts "
+                               "it lacks)", wait_s, self._worker.pending(), len(artifacts),
+                               f": {_listing(artifacts)}" if artifacts else "")
             elif self._worker.dropped:
-                logger.info("%d MLflow call(s) skipped after the failure (%d metric value(s); %s has them, "
-                            "and the run's next start adds them to MLflow)", self._worker.dropped,
-                            self._worker.dropped_values, self.metrics_path)
+                artifacts = self._worker.dropped_artifacts
+                logger.info("%d MLflow call(s) skipped after the failure (%d metric value(s), %d artifact(s)%s; "
+                            "%s and the run directory have them, and the run's next start adds them to MLflow)",
+                            self._worker.dropped, self._worker.dropped_values, len(artifacts),
+                            f": {_listing(artifacts)}" if artifacts else "", self.metrics_path)
         if self._file is not None:
             try:
                 self._file.close()

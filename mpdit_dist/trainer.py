@@ -696,8 +696,11 @@ class Trainer:
             "backend": self.backend,
             "num_nodes": str(self.dist.num_nodes),
         }
+        # config.yaml: rewritten by every start (build), logged before the start compares the run
+        # directory with the MLflow run's artifacts
         return Tracker(self.cfg.tracking, self.run_dir, rank=self.dist.rank,
-                       results_dir=Path(self.cfg.results_dir), params=params, tags=tags)
+                       results_dir=Path(self.cfg.results_dir), params=params, tags=tags,
+                       artifacts=[self.run_dir / "config.yaml"])
 
     def _stop_if_diverged(self, first_bad: torch.Tensor, weights: bool = False) -> None:
         """Collective, at steps every rank reaches alike: raise :class:`TrainingDiverged` on every
@@ -815,7 +818,7 @@ class Trainer:
                     paths.append(path)
         if self.dist.is_main and self.tracker is not None:
             for p in paths:
-                self.tracker.log_artifact(p, "samples")
+                self.tracker.log_run_file(p)
         return paths[-1] if paths else None
 
     def evaluate(self) -> Optional[dict[str, Any]]:
@@ -857,13 +860,10 @@ class Trainer:
         return scalars
 
     def fit(self) -> dict[str, Any]:
-        d = self.dist
         self.check_run_dir()
         self.build()
         self.maybe_resume()
         self.tracker = self._make_tracker()
-        if d.is_main:
-            self.tracker.log_artifact(self.run_dir / "config.yaml")
         status = "finished"
         try:
             status = self._loop()
@@ -912,7 +912,7 @@ class Trainer:
                  tracer.steps_label(), tracer.summary["unit"], total,
                  ", ".join(f"{c} {100 * ms / total:.0f}%" for c, ms in list(cats.items())[:6]), tracer.out_dir)
         if self.tracker is not None:
-            self.tracker.log_artifact(summary_path, "profile")
+            self.tracker.log_run_file(summary_path)
 
     def _agreed_stop_reasons(self) -> list[str]:
         """Collective, once the run stops: the reasons (signal names) of the stop requests seen on
