@@ -44,6 +44,14 @@ changed) is refused before anything is written, naming ``encode_config.json`` an
 number of processes and ``--batch-size`` may change. ``--verify`` names the shard records to delete
 to re-encode a damaged shard.
 
+Per-sample checksums: every sample is stored with ``crc32`` (:func:`mpdit_dist.data.manifest.sample_crc32`
+of its key, label and stored latents; an MDS column, a WebDataset member), recorded as
+``sample_checksum`` in ``encode_config.json``, in each shard's record and in the manifest; the loader
+checks it for every sample it reads. An output started by a version without them (no
+``sample_checksum`` in its ``encode_config.json``) is finished without them, with a warning, so a
+dataset never mixes the two layouts (``finalize`` refuses records that differ from the
+configuration); a version without them refuses to resume an output that has them.
+
 Bad images (unreadable, broken symlinks, and images whose latent is not finite in fp16: reason
 ``non-finite latent``) are skipped, listed in the manifest (path and reason) and counted in the
 summary; ``--strict`` makes the first one fatal. Files outside the class folders, hidden files,
@@ -51,12 +59,13 @@ names that are not valid UTF-8, symlink loops and FIFOs/sockets/devices are not 
 class: they are listed in the manifest's ``skipped_files`` and counted in the summary's
 ``files_skipped``. If every image fails, the command stops with an error (exit code 2).
 ``--verify`` checks a finished dataset's files against the sha256 checksums in its manifest, and
-the merged MDS index against the manifest's shard order (the loader itself checks only file
-sizes, at first open, and the index's order). It checks every file whatever it finds (a repair
-after a storage incident needs the whole list at once): each missing, unreadable (permission, I/O
-error), truncated or differing file is named with its reason, the damaged ones are counted
-(``3 of 1,282 shard files damaged``), the hint names the records of every shard to re-encode and
-the encode command, and the exit code is 2; a clean dataset prints ``{"verified_files": N, ...}``.
+the merged MDS index against the manifest's shard order (the loader itself checks file sizes at
+first open, the index's order, and each sample's crc32 as it reads it). It checks every file
+whatever it finds (a repair after a storage incident needs the whole list at once): each missing,
+unreadable (permission, I/O error), truncated or differing file is named with its reason, the
+damaged ones are counted (``3 of 1,282 shard files damaged``), the hint names the records of
+every shard to re-encode and the encode command, and the exit code is 2; a clean dataset prints
+``{"verified_files": N, ...}``.
 """
 from __future__ import annotations
 
@@ -89,6 +98,9 @@ FORMATS = ("mds", "wds")
 # test hook: SIGKILL this process while writing the (N+1)-th shard, after its temp files exist
 KILL_ENV = "MPDIT_ENCODE_KILL_AFTER_SHARDS"
 NON_FINITE = "non-finite latent"
+# the per-sample checksum new outputs get (mpdit_dist.data.manifest.sample_crc32), recorded in
+# encode_config.json; None writes the layout from before it (tests use that for old datasets)
+SAMPLE_CHECKSUM: Optional[str] = mf.SAMPLE_CHECKSUM_FIELD
 
 
 class ConfigMismatch(ValueError):
@@ -264,7 +276,8 @@ def _encode_shard(encoder, root: Path, entries: list[ImageEntry], *, resolution:
     return {"samples": samples, "failures": failures, "stats": stats}
 
 
-def _write_wds(tmp_tar: Path, tmp_idx: Path, tar_name: str, samples: list[dict[str, Any]], fields: list[str]):
+def _write_wds(tmp_tar: Path, tmp_idx: Path, tar_name: str, samples: list[dict[str, Any]], fields: list[str],
+               checksum: Optional[str] = None):
     from webdataset import TarWriter
 
     with open(tmp_tar, "wb") as f:
@@ -273,6 +286,8 @@ def _write_wds(tmp_tar: Path, tmp_idx: Path, tar_name: str, samples: list[dict[s
             for s in samples:
                 rec = {"__key__": s["key"], "cls": s["label"], "json": {"path": s["path"], "label": s["label"]}}
                 rec.update({f + ".npy": s[f] for f in fields})
+                if checksum:  # decimal text, like cls
+                    rec[checksum] = str(s[checksum])
                 w.write(rec)
         f.flush()
         os.fsync(f.fileno())
@@ -310,12 +325,15 @@ def _write_wds(tmp_tar: Path, tmp_idx: Path, tar_name: str, samples: list[dict[s
         os.fsync(f.fileno())
 
 
-def _write_mds(tmp_dir: Path, samples: list[dict[str, Any]], fields: list[str], latent_shape: list[int]):
+def _write_mds(tmp_dir: Path, samples: list[dict[str, Any]], fields: list[str], latent_shape: list[int],
+               checksum: Optional[str] = None):
     from streaming import MDSWriter
 
     shape = ",".join(str(d) for d in latent_shape)
     columns = {"key": "str", "label": "int", "path": "str"}
     columns.update({f: f"ndarray:float16:{shape}" for f in fields})
+    if checksum:
+        columns[checksum] = "int"  # int64 holding the uint32 crc (a column kind the reader's fast plan decodes)
     # size_limit=None: exactly one .mds file per part, so part i is MDS shard i of the merged index
     with MDSWriter(out=str(tmp_dir), columns=columns, compression=None, size_limit=None) as w:
         for s in samples:
@@ -371,13 +389,19 @@ def _release_shard(out: Path, shard_id: int, fd: int) -> None:
 
 
 def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Sequence[str], fields: list[str],
-                  latent_shape: list[int], first_image: int, num_images: int, kill_now: bool) -> dict[str, Any]:
+                  latent_shape: list[int], first_image: int, num_images: int, kill_now: bool,
+                  sample_checksum: Optional[str] = SAMPLE_CHECKSUM) -> dict[str, Any]:
     """Write one shard's files under temp names, rename them, then write its record (the commit).
 
     The caller holds the shard's claim (or is the only writer, as in :func:`write_latents`), so the
     temp files of this shard found on disk are a dead process's leftovers and are removed first.
+    ``sample_checksum`` (the output's ``encode_config.json`` value; None: the layout from before
+    per-sample checksums) is stored with every sample and named in the record.
     """
     samples = result["samples"]
+    if sample_checksum:
+        for s in samples:  # of the arrays as stored (fp16), in the manifest's field order
+            s[sample_checksum] = mf.sample_crc32(s["key"], s["label"], [s[f] for f in fields])
     pname = mf.part_name(shard_id)
     tag = fileio.temp_tag()
     for stale in _shard_temps(out, shard_id):
@@ -389,14 +413,14 @@ def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Seq
             wdir = out / mf.WDS_DIR
             tar, idx = wdir / mf.wds_name(shard_id), wdir / mf.wds_index_name(shard_id)
             ttar, tidx = wdir / f".{tar.name}.{tag}.tmp", wdir / f".{idx.name}.{tag}.tmp"
-            _write_wds(ttar, tidx, tar.name, samples, fields)
+            _write_wds(ttar, tidx, tar.name, samples, fields, sample_checksum)
             renames += [(ttar, tar), (tidx, idx)]
             checksums[f"{mf.WDS_DIR}/{tar.name}"] = mf.file_sha256(ttar)
             checksums[f"{mf.WDS_DIR}/{idx.name}"] = mf.file_sha256(tidx)
         if "mds" in formats:
             mdir = out / mf.MDS_DIR
             final, tmp = mdir / pname, mdir / f".{pname}.{tag}.tmp"
-            _write_mds(tmp, samples, fields, latent_shape)
+            _write_mds(tmp, samples, fields, latent_shape, sample_checksum)
             renames.append((tmp, final))
             for p in sorted(tmp.iterdir()):
                 checksums[f"{mf.MDS_DIR}/{pname}/{p.name}"] = mf.file_sha256(p)
@@ -413,6 +437,8 @@ def _commit_shard(out: Path, shard_id: int, result: dict[str, Any], formats: Seq
         "num_samples": len(samples), "failures": result["failures"], "stats": result["stats"],
         "class_counts": _class_counts(samples), "checksums": checksums,
     }
+    if sample_checksum:  # (absent, as in records written before it: no per-sample checksums)
+        record["sample_checksum"] = sample_checksum
     fileio.write_json_atomic(out / mf.PARTS_DIR / f"{pname}.json", record)
     return record
 
@@ -432,7 +458,8 @@ _SETTINGS = {"resolution": "--resolution", "samples_per_shard": "--samples-per-s
              "flip": "--flip", "store": "--store", "encoder": "--vae", "encoder_weights_sha256": "--vae",
              "class_names": "--images", "num_images": "--images", "images_sha256": "--images"}
 # keys recorded only by later versions: not compared when the recorded configuration lacks them
-_ADDED_KEYS = ("encoder_weights_sha256",)
+# (sample_checksum: see _check_config)
+_ADDED_KEYS = ("encoder_weights_sha256", "sample_checksum")
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -470,6 +497,9 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 if ca != cb:
                     what += f", classes {len(ca)} -> {len(cb)}" if len(ca) != len(cb) else ", other class names"
                 shown.append(f"--images: the image listing differs ({what})")
+        elif k == "sample_checksum":  # no flag: the output was started by a version that wrote other ones
+            shown.append(f"per-sample checksums {a or 'none'} -> {b or 'none'} (another version of "
+                         f"data_prep.encode started it)")
         elif k in _SETTINGS:
             shown.append(f"{_SETTINGS[k]} {a} -> {b}")
         else:
@@ -477,11 +507,17 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return shown
 
 
-def _check_config(out: Path, config: dict[str, Any]) -> None:
-    """Record ``config`` as the output's configuration, or check that it equals the recorded one.
+def _check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Record ``config`` as the output's configuration, or check that it equals the recorded one;
+    returns the configuration to write shards with.
 
     The file is created exclusively (a complete temp file hard-linked to the final name), so of two
     runs that start at once with different configurations exactly one gets to write it.
+
+    An output started before per-sample checksums existed (its configuration has no
+    ``sample_checksum``) is finished in its own layout, without them, with a warning: every shard of
+    a dataset has the same layout (:func:`finalize` checks the records), and a resume never throws
+    away the shards already encoded. To have checksums, encode into a new ``--out``.
     """
     path = out / mf.ENCODE_CONFIG
     if not path.is_file():
@@ -491,7 +527,7 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
             raise ConfigMismatch(f"--out {out} holds shards ({existing[0]}) but no {mf.ENCODE_CONFIG}; "
                                  f"use an empty output directory")
         if fileio.write_json_exclusive(path, config):
-            return
+            return config
     try:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -505,6 +541,15 @@ def _check_config(out: Path, config: dict[str, Any]) -> None:
             f"--out {out} was started with other settings ({path} records them; {done} of "
             f"{old.get('num_shards')} shards done): {'; '.join(shown)}. Nothing was written: run with the "
             f"recorded settings to resume, or give another --out (or empty this one) to start over")
+    if config.get("sample_checksum") and not old.get("sample_checksum"):
+        done = len(list((out / mf.PARTS_DIR).glob("part-*.json")))
+        print(f"warning: --out {out} was started by a version of data_prep.encode that stores no per-sample "
+              f"checksums ({path} records none; {done} of {old.get('num_shards')} shards done): its other shards are "
+              f"written the same way, so the loader cannot tell a flipped bit inside a latent from data. To have "
+              f"them checked, encode into a new --out (`--verify` checks whole files against the manifest either "
+              f"way)", file=sys.stderr)
+        config = {k: v for k, v in config.items() if k != "sample_checksum"}
+    return config
 
 
 def _read_records(out: Path, config: dict[str, Any], quiet: bool) -> Optional[list[dict[str, Any]]]:
@@ -531,6 +576,13 @@ def _read_records(out: Path, config: dict[str, Any], quiet: bool) -> Optional[li
         if r.get("num_samples", -1) + len(r.get("failures", [])) != r["num_images"]:
             raise ValueError(f"{p}: shard {sid}'s record has {r.get('num_samples')} samples and "
                              f"{len(r.get('failures', []))} failures for {r['num_images']} images")
+        if r.get("sample_checksum") != config.get("sample_checksum"):
+            # one layout per dataset: a reader checks every sample or none
+            raise ValueError(f"{p}: shard {sid} was written with per-sample checksums "
+                             f"{r.get('sample_checksum') or 'none'}, {out / mf.ENCODE_CONFIG} says "
+                             f"{config.get('sample_checksum') or 'none'} (written by another version of "
+                             f"data_prep.encode): delete the record and run the encode command again to write "
+                             f"that shard anew")
         for k in r.get("class_counts", {}):
             if not 0 <= int(k) < len(config["class_names"]):
                 raise ValueError(f"{p}: shard {sid} has label {k}, outside the {len(config['class_names'])} classes")
@@ -643,6 +695,8 @@ def _write_manifest(out: Path, config: dict[str, Any], records: list[dict[str, A
     }
     if "mds" in config["formats"]:
         manifest["mds_index_sha256"] = mds_index_sha256  # checked by --verify and on remote download
+    if config.get("sample_checksum"):  # every record has it (_read_records)
+        manifest["sample_checksum"] = mf.sample_checksum_spec(manifest["fields"])
     fileio.write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest
 
@@ -693,8 +747,10 @@ def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels
         "latent_shape": shape, "class_names": list(class_names), "num_images": n, "num_shards": num_shards,
         "images_sha256": None,
     }
+    if SAMPLE_CHECKSUM:
+        config["sample_checksum"] = SAMPLE_CHECKSUM
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
+    config = _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
     for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
         (out / d).mkdir(exist_ok=True)
     for s in range(num_shards):
@@ -718,7 +774,8 @@ def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels
             else:
                 mf.channel_stats_add(stats, stored[prefix + "latent"])
         result = {"samples": samples, "failures": [], "stats": stats}
-        _commit_shard(out, s, result, formats, fields, shape, lo, hi - lo, kill_now=False)
+        _commit_shard(out, s, result, formats, fields, shape, lo, hi - lo, kill_now=False,
+                      sample_checksum=config.get("sample_checksum"))
     manifest = finalize(out)
     assert manifest is not None
     return manifest
@@ -768,8 +825,10 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     weights = encoder.weights_sha256()
     if weights is not None:
         config["encoder_weights_sha256"] = weights
+    if SAMPLE_CHECKSUM:
+        config["sample_checksum"] = SAMPLE_CHECKSUM
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
+    config = _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
     for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
         (out / d).mkdir(exist_ok=True)
 
@@ -798,7 +857,8 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
                 result = _encode_shard(encoder, root, chunk, resolution=resolution, batch_size=batch_size,
                                        store=store, flip=flip, pool=pool, strict=strict, progress=bar)
                 rec = _commit_shard(out, s, result, formats, fields, encoder.latent_shape, chunk[0].index,
-                                    len(chunk), kill_now=(written == kill_after))
+                                    len(chunk), kill_now=(written == kill_after),
+                                    sample_checksum=config.get("sample_checksum"))
             except OSError as exc:
                 if exc.filename is None and exc.errno is not None:  # a failed write (a full disk) names no file
                     raise OSError(exc.errno, f"{exc.strerror}: writing shard {s} under {out}") from exc

@@ -49,11 +49,15 @@ Integrity
     ``.idx.json``, whose own structure is checked too), every array read is checked against the
     manifest's ``latent_shape``/``latent_dtype`` and every label against its ``num_classes``, and
     read errors raise :class:`ShardReadError` naming the file and the sample, and saying what to do
-    (:meth:`Source.damage_hint`). Content checksums
-    are not checked on open (that reads every byte of the dataset): :func:`manifest.verify_checksums`
-    / ``python -m data_prep.encode --out ROOT --verify`` does it on demand, and remote downloads are
-    always checked. Flipped bytes inside a latent that turn it non-finite are caught by the loader's
-    per-batch finiteness check.
+    (:meth:`Source.damage_hint`). Every sample read is checked against its stored checksum where the
+    manifest has ``sample_checksum`` (:func:`manifest.sample_crc32`: crc32 of its key, label and
+    latents; about 10 us per 32 KB sample), so bytes damaged inside a latent on disk or in a copy are
+    named at the first read of that sample, also when the values stay finite. Datasets written before
+    per-sample checksums are read without that check (an info line says so); there, flipped bytes
+    that turn a latent non-finite are still caught by the loader's per-batch finiteness check.
+    Whole-file sha256 checksums are not checked on open (that reads every byte of the dataset):
+    :func:`manifest.verify_checksums` / ``python -m data_prep.encode --out ROOT --verify`` does it on
+    demand, and remote downloads are always checked.
 
     Samples are read with ``os.pread`` from a file opened once, not from a memory map: a shard cut
     short while the run has it open (a copy or a sync tool rewriting it in place) gives a short read,
@@ -65,6 +69,8 @@ Integrity
 
 Memory
     An ``.npz`` with ``x`` (N, C, H, W), ``y`` (N,), optional ``keys`` and ``num_classes``: for tests.
+    Read whole at open; each array's zip member carries a CRC-32 that the read checks, so a damaged
+    file fails there, named (no per-sample checksum is needed).
 """
 from __future__ import annotations
 
@@ -72,6 +78,8 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -255,13 +263,19 @@ class MemorySource(Source):
         p = Path(path)
         if p.suffix != ".npz" or not p.is_file():
             raise FileNotFoundError(f"data.path={path!r}: data.format=memory needs an existing .npz file")
-        with np.load(p, allow_pickle=False) as z:
-            if "x" not in z or "y" not in z:
-                raise ValueError(f"{path}: the .npz needs arrays 'x' (N, C, H, W) and 'y' (N,), has {list(z.keys())}")
-            self.x = np.ascontiguousarray(z["x"])
-            y = np.asarray(z["y"])
-            keys = [str(k) for k in z["keys"]] if "keys" in z else [f"{i:09d}" for i in range(len(self.x))]
-            num_classes = int(z["num_classes"]) if "num_classes" in z else (int(y.max()) + 1 if y.size else 0)
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z or "y" not in z:
+                    raise ValueError(f"{path}: the .npz needs arrays 'x' (N, C, H, W) and 'y' (N,), "
+                                     f"has {list(z.keys())}")
+                self.x = np.ascontiguousarray(z["x"])
+                y = np.asarray(z["y"])
+                keys = [str(k) for k in z["keys"]] if "keys" in z else [f"{i:09d}" for i in range(len(self.x))]
+                num_classes = int(z["num_classes"]) if "num_classes" in z else (int(y.max()) + 1 if y.size else 0)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            # zipfile checks each member's CRC-32 as it reads it: a flipped bit anywhere in x or y lands here
+            raise ShardReadError(f"{path}: damaged .npz ({type(exc).__name__}: {exc}): its bytes changed after it "
+                                 f"was written (or it is cut short); write it again") from exc
         if self.x.ndim != 4 or y.ndim != 1 or len(y) != len(self.x) or len(keys) != len(self.x):
             raise ValueError(f"{path}: x must be (N, C, H, W) with N == len(y) == len(keys); "
                              f"got x {self.x.shape}, y {y.shape}, keys {len(keys)}")
@@ -323,6 +337,13 @@ class _ShardedSource(Source):
         # relative path -> sha256, for checking files as they are downloaded
         self.checksums = {rel: d for s in manifest["shards"] for rel, d in s.get("checksums", {}).items()}
         self.remote: Optional[str] = None
+        # the field holding each sample's checksum (read_manifest checked what it covers); None: not checked
+        spec = manifest.get("sample_checksum")
+        self.checksum_field: Optional[str] = spec["field"] if spec else None
+        if spec is None:
+            log.info("%s: written before per-sample checksums: samples are read unchecked (a flipped bit that "
+                     "leaves a latent finite would go unnoticed; `python -m data_prep.encode --out %s --verify` "
+                     "checks whole files)", root, root)
 
     _opener = "streaming"  # how _fetch copies a file of the remote store
 
@@ -381,6 +402,19 @@ class _ShardedSource(Source):
         if arr.shape != self.shape or arr.dtype != self.dtype:
             raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) field {field!r} is "
                                  f"{arr.dtype}{list(arr.shape)}, the manifest says {self.dtype}{list(self.shape)}")
+
+    def _check_sample(self, rec: dict[str, Any], stored: Any, index: int) -> None:
+        """``rec`` (key, label and fields, already checked in shape) against ``stored``, the checksum
+        stored with it (:func:`manifest.sample_crc32`); a no-op for datasets without checksums."""
+        if self.checksum_field is None:
+            return
+        actual = mf.sample_crc32(rec["key"], rec["label"], [rec[f] for f in self.fields])
+        if actual != stored:
+            stored = f"{stored:08x}" if isinstance(stored, int) else repr(stored)
+            raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {rec['key']}) fails its checksum: "
+                                 f"the crc32 of its key, label and {', '.join(self.fields)} is {actual:08x}, the one "
+                                 f"written with it {stored} (its bytes changed after it was written: damaged on "
+                                 f"disk or in a copy)")
 
     def _check_label(self, label: int, index: int, key: str) -> None:
         # a flipped byte in a shard's label passes every size check; num_classes would silently train
@@ -449,9 +483,10 @@ class MDSSource(_ShardedSource):
     with its data file and sample count (:func:`manifest.check_mds_index`): samples are addressed by
     their position in the index, so a reordered or stale index would silently reorder or replace
     samples. At the first open of a shard its size must equal the MDS index's ``raw_data.bytes`` and
-    its offset table must be in order and end at the file's end; a read error names the file and
-    the sample. (Content checksums: :func:`manifest.verify_checksums`, and on download from a
-    remote, the index included where the manifest records ``mds_index_sha256``.)
+    its offset table must be in order and end at the file's end, and where the manifest has
+    ``sample_checksum`` it must have that column; every sample read is checked against its crc32; a
+    read error names the file and the sample. (Whole-file checksums: :func:`manifest.verify_checksums`,
+    and on download from a remote, the index included where the manifest records ``mds_index_sha256``.)
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], remote: Optional[str] = None):
@@ -511,6 +546,11 @@ class MDSSource(_ShardedSource):
                 f.close()
                 raise ShardReadError(f"{local}: corrupt MDS header (sample count {count}, expected {reader.samples}; "
                                      f"the offsets must rise from at least {head} to the file size {size})")
+            if self.checksum_field is not None and self.checksum_field not in reader.column_names:
+                f.close()
+                raise ShardReadError(f"{local}: no {self.checksum_field!r} column (columns {reader.column_names}), "
+                                     f"the manifest says every sample carries one (a shard of another dataset, or "
+                                     f"of an older encode, put in its place?)")
             entry = (reader, f, offsets, _mds_layout(reader))
             _keep_open(readers, pos, entry, lambda e: e[1])
         return entry
@@ -527,6 +567,7 @@ class MDSSource(_ShardedSource):
             sample = _mds_decode(layout, data) if layout else reader.decode_sample(data)
             out = {"key": sample["key"], "label": int(sample["label"])}
             arrays = {f: sample[f] for f in self.fields}
+            stored = sample[self.checksum_field] if self.checksum_field is not None else None
         except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise ShardReadError(f"{self.shard_file(index)}: cannot decode sample {index} (sample {j} of this "
                                  f"shard): {type(exc).__name__}: {exc}") from exc
@@ -534,6 +575,7 @@ class MDSSource(_ShardedSource):
         for f, arr in arrays.items():
             self._check_array(arr, f, index, out["key"])
             out[f] = arr
+        self._check_sample(out, stored, index)
         return out
 
 
@@ -542,9 +584,10 @@ class WDSSource(_ShardedSource):
 
     At the first open of a shard: the tar's size must equal the index's ``tar_size``, the index's
     samples must match the manifest's count, every member must lie inside the tar, and the members
-    must be ``cls`` and one ``.npy`` per field; every array read is checked against the manifest's
-    ``latent_shape`` and ``latent_dtype``, every label against its ``num_classes``. Errors name the
-    file and the sample key.
+    must be ``cls`` and one ``.npy`` per field (and ``crc32`` where the manifest has
+    ``sample_checksum``); every array read is checked against the manifest's ``latent_shape`` and
+    ``latent_dtype``, every label against its ``num_classes``, every sample against its crc32. Errors
+    name the file and the sample key.
     """
 
     _opener = "gopen"
@@ -567,7 +610,7 @@ class WDSSource(_ShardedSource):
         rel = f"{mf.WDS_DIR}/{mf.wds_index_name(sid)}"
         path = self.root / rel
         text = _with_retries(path, lambda: self._cached(rel).read_text())
-        want = {"cls"} | {f + ".npy" for f in self.fields}
+        want = {"cls"} | {f + ".npy" for f in self.fields} | ({self.checksum_field} if self.checksum_field else set())
         try:
             idx = json.loads(text)
             n = int(self.starts[pos + 1] - self.starts[pos])
@@ -632,6 +675,7 @@ class WDSSource(_ShardedSource):
         lo = idx["starts"][j]
         span = memoryview(_pread(fh, lo, idx["ends"][j] - lo, f"sample {index} (key {key})"))
         out: dict[str, Any] = {"key": key}
+        stored = None
         for m, name in enumerate(idx["members"]):
             data = span[offs[m] - lo:offs[m] - lo + sizes[m]]
             try:
@@ -639,12 +683,15 @@ class WDSSource(_ShardedSource):
                     out["label"] = int(bytes(data))
                 elif name.endswith(".npy"):
                     out[name[:-4]] = self._decode_npy(name, data)
+                elif name == self.checksum_field:
+                    stored = int(bytes(data))
             except (ValueError, TypeError) as exc:
                 raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) member {name!r}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         self._check_label(out["label"], index, key)
         for f in self.fields:
             self._check_array(out[f], f, index, key)
+        self._check_sample(out, stored, index)
         return out
 
 

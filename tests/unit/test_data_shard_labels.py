@@ -34,9 +34,11 @@ def _set_label(root, fmt, label):
     else:
         src = open_source("mds", str(root))
         reader, _, offsets, _ = src._reader(1)
-        assert reader.column_names == ["key", "label", "latent", "path"]
+        assert reader.column_names == ["crc32", "key", "label", "latent", "path"]
         # an MDS sample: a uint32 size for each variable column (key, path), then the payloads
-        path, at, raw = root / "mds/part-000001/shard.00000.mds", int(offsets[1]) + 8 + 9, np.int64(label).tobytes()
+        # (crc32: 8 bytes, key: 9)
+        path, at, raw = (root / "mds/part-000001/shard.00000.mds", int(offsets[1]) + 8 + 8 + 9,
+                         np.int64(label).tobytes())
     data = bytearray(path.read_bytes())
     data[at:at + len(raw)] = raw
     path.write_bytes(bytes(data))

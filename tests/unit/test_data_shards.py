@@ -227,8 +227,8 @@ def test_corrupt_shards_are_named(tmp_path, case):
     if how == "truncate":
         with pytest.raises(ShardReadError, match=f"{name}: .* bytes, .* says"):
             next(build_loader(cfg, rank=0, world_size=1, seed=0))
-    else:
-        with pytest.raises(ValueError, match=f"{name}: sample 7 \\(key 000000007\\) gives a non-finite latent"):
+    else:  # the sample's checksum names it as it is read (before the loader's non-finite check would)
+        with pytest.raises(ShardReadError, match=f"{name}: sample 7 \\(key 000000007\\) fails its checksum"):
             next(build_loader(cfg, rank=0, world_size=1, seed=0))
     # cut short: the shard's intact index records its size, so --verify says truncated (no need to hash it)
     reason = "truncated: .* bytes, .*json records" if how == "truncate" else "sha256 differs"
@@ -256,11 +256,11 @@ def test_read_errors_say_what_to_do(tmp_path, monkeypatch, fmt):
     with pytest.raises(ShardReadError, match=f"{name}: No such file or directory \\(sample 5; tried 2 times") as err:
         open_source(fmt, str(root)).read(5)
     assert verify in str(err.value)
-    # the loader's non-finite check says the same
+    # a sample that fails its checksum says the same
     (root / name).write_bytes(good)
     if fmt == "mds":  # (0xff bytes inside the last sample's latent)
         _corrupt(root / name, "garbage")
-        with pytest.raises(ValueError, match="non-finite latent") as err:
+        with pytest.raises(ShardReadError, match="sample 7 .* fails its checksum") as err:
             next(build_loader(_cfg(root, fmt, 8, shuffle=False, normalize=False), rank=0, world_size=1, seed=0))
         assert verify in str(err.value)
         (root / name).write_bytes(good)
