@@ -435,6 +435,11 @@ class _MlflowWorker:
         sig = _file_signature(item.local) if item.key is not None else None
         if sig is not None and self.uploaded.get(item.key) == sig:
             return
+        if not item.local.exists():
+            # removed after it was queued (a user cleaning the run dir, a test): nothing to upload, and
+            # no reason to try again for 20 s and then switch MLflow off for the rest of the run
+            logger.warning("MLflow: %s was removed before its upload; not logged", item.local)
+            return
         if item.local.is_dir():
             self._client.log_artifacts(self._run_id, str(item.local), item.folder)
         else:

@@ -278,3 +278,23 @@ def test_a_training_run_without_mlflow_gets_its_artifacts_at_the_next_start(tmp_
     assert listed() == {k: p.stat().st_size for k, p in files.items()}
     log = proc.stdout + proc.stderr
     assert f"added {len(files) - 1} artifact(s) MLflow lacked" in log, log[-3000:]  # all but config.yaml
+
+
+def test_a_file_removed_before_its_upload_does_not_switch_mlflow_off(tmp_path, results_dir, client, caplog):
+    """An artifact queued and then deleted (before the worker thread reached it) is skipped with a
+    warning; it used to be retried for 20 s and then turn MLflow off for the rest of the run."""
+    run_dir = tmp_path / "vanished"
+    tracker = _start(run_dir, results_dir)
+    gate = threading.Event()
+    tracker._worker.submit(gate.wait)  # hold the worker while the file is queued and removed
+    grid = _grid(run_dir, 2)
+    tracker.log_run_file(grid)
+    grid.unlink()
+    gate.set()
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    with caplog.at_level(logging.WARNING, logger="mpdit_dist.tracking"):
+        assert tracker.flush(timeout=30)
+    assert not tracker._worker.failed
+    assert any("was removed before its upload" in r.getMessage() for r in caplog.records)
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [0.5]
+    tracker.close()
