@@ -59,6 +59,10 @@ class DataConfig:
     remote: Optional[str] = None  # remote store for MDS (s3://, gs://, ...) or wds URL prefix
     cache_dir: Optional[str] = None  # local cache for a remote store
     audit: bool = False  # log the sample keys each rank trains on to <run>/audit/rank{R}.jsonl
+    # a batch that has not come after this long (a hung file system) ends the rank with an error
+    # naming the step and the data; 0: wait forever (the other ranks then wait up to the process
+    # group's timeout, 30 min, and one process alone forever)
+    read_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -275,6 +279,7 @@ def validate(cfg: Config) -> None:
         "train.eval_input_size": (cfg.train.eval_input_size, 1),
         "data.num_workers": (cfg.data.num_workers, 0),
         "data.prefetch_factor": (cfg.data.prefetch_factor, 1),
+        "data.read_timeout_s": (cfg.data.read_timeout_s, 0),
         "parallel.hsdp_replicas": (cfg.parallel.hsdp_replicas, 1),
         "parallel.ac_every": (cfg.parallel.ac_every, 1),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0),

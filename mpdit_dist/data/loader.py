@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 # next() waiting this long for one batch is reported (a slow or hung file system), and again at 2x, 4x...
 # this: without it a stalled read shows nothing until the other ranks' collective times out
 STALL_WARN_S = 60.0
+STALL_EXIT_CODE = 1  # the exit status of a process ended by data.read_timeout_s (num_workers=0)
+
+
+class DataStallError(RuntimeError):
+    """No batch after ``data.read_timeout_s`` (a hung read: a file system that stopped answering)."""
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -204,15 +210,27 @@ class ShardLoader:
             ds, batch_size=None, sampler=_Steps(self.step), num_workers=workers, collate_fn=_as_is,
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
-            persistent_workers=False)
+            persistent_workers=False, timeout=self.read_timeout_s if workers > 0 else 0)
         return iter(self._dl)
 
-    def _stall_message(self, step: int, waited: float) -> str:
+    def _waiting_for(self, step: int, waited: float) -> str:
         workers = int(self.cfg.num_workers)
         who = f"{workers} DataLoader workers read" if workers else "this process reads"
         return (f"rank {self.rank}: the batch of step {step + 1} has not come after {waited:.0f} s ({who} "
-                f"{self.cfg.remote or self.cfg.path}): a slow or stalled file system? The other ranks wait for "
+                f"{self.cfg.remote or self.cfg.path})")
+
+    def _stall_message(self, step: int, waited: float) -> str:
+        return (f"{self._waiting_for(step, waited)}: a slow or stalled file system? The other ranks wait for "
                 f"this one at their next collective, up to the process group's timeout")
+
+    @property
+    def read_timeout_s(self) -> float:
+        return float(getattr(self.cfg, "read_timeout_s", 0) or 0)
+
+    def _timeout_message(self, step: int, waited: float) -> str:
+        return (f"{self._waiting_for(step, waited)}, data.read_timeout_s="
+                f"{self.read_timeout_s:g}: ending this rank (a hung read; raise data.read_timeout_s, or set it to "
+                f"0 to wait forever, if the file system is only slow)")
 
     def __iter__(self):
         return self
@@ -227,6 +245,12 @@ class ShardLoader:
         self._waiting = (self.step, time.monotonic())
         try:
             batch = next(self._it)
+        except RuntimeError as exc:
+            # with workers: the DataLoader's own timeout (data.read_timeout_s); without, the watcher
+            # thread ends the process (_watch_stalls), as nothing can interrupt this thread's read
+            if self.read_timeout_s > 0 and "DataLoader timed out" in str(exc):
+                raise DataStallError(self._timeout_message(self.step, time.monotonic() - self._waiting[1])) from exc
+            raise
         finally:
             since, self._waiting = self._waiting[1], None
         if self._stalled == self.step:
@@ -327,7 +351,9 @@ class ShardLoader:
 
 def _watch_stalls(ref: "weakref.ref[ShardLoader]") -> None:
     """A loader's daemon thread: warns when ``next()`` has waited :data:`STALL_WARN_S`, then twice,
-    four times... that, for one batch; it ends with the loader (closed or gone)."""
+    four times... that, for one batch; it ends with the loader (closed or gone). Without DataLoader
+    workers, a wait beyond ``data.read_timeout_s`` ends the process (:data:`STALL_EXIT_CODE`): the
+    training thread itself is blocked in the read, and nothing else would end a single process."""
     reported = (None, 0)  # (the wait, warnings given for it)
     while True:
         time.sleep(min(1.0, STALL_WARN_S / 4))
@@ -342,6 +368,13 @@ def _watch_stalls(ref: "weakref.ref[ShardLoader]") -> None:
                 loader._stalled = waiting[0]
                 log.warning(loader._stall_message(waiting[0], waited))
                 reported = (waiting, count + 1)
+            timeout = loader.read_timeout_s
+            if timeout > 0 and waited >= timeout and int(loader.cfg.num_workers) == 0:
+                log.critical(loader._timeout_message(waiting[0], waited))
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(STALL_EXIT_CODE)
         del loader
 
 

@@ -10,10 +10,12 @@ real MDS and WebDataset shards (identity latents of digits, written by ``data_pr
   the run says so, tries again, and goes on to the undisturbed run's losses.
 * A read that hangs (DataLoader workers stopped): the loader says which rank waits for which step
   and where it reads, instead of nothing until the other ranks' collective timeout, and the
-  batches are the undisturbed ones once it comes.
+  batches are the undisturbed ones once it comes. One that never comes ends the process after
+  ``data.read_timeout_s``, with and without workers, naming the step and the data.
 """
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,3 +198,34 @@ def test_a_stalled_read_is_reported_and_its_batches_come_unchanged(dataset, monk
     stalled = [m for m in said if "has not come after" in m]
     assert stalled and "rank 0: the batch of step" in stalled[0] and str(dataset) in stalled[0], said
     assert any("came after" in m and "has not" not in m for m in said), said
+
+
+HANG = r"""
+import sys, time
+from mpdit_dist.config import DataConfig
+from mpdit_dist.data import build_loader, sources
+
+sources._pread = lambda *a, **k: time.sleep(3600)  # a file system that stopped answering
+cfg = DataConfig(format="mds", path=sys.argv[1], global_batch_size=12, num_workers=int(sys.argv[2]),
+                 pin_memory=False, read_timeout_s=2)
+next(build_loader(cfg, rank=0, world_size=1, seed=0))
+print("a batch came")
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_read_that_never_comes_ends_the_process_after_the_read_timeout(dataset, workers):
+    """A hung read used to hold the process (and every GPU of the job: the other ranks wait up to the
+    process group's 30 min timeout) forever: after data.read_timeout_s it ends with an error naming
+    the rank, the step, the data and the setting. Without workers nothing can interrupt the read
+    itself, so the loader's watcher ends the process."""
+    t0 = time.monotonic()
+    proc = subprocess.run([PY, "-c", HANG, str(dataset), str(workers)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0 and "a batch came" not in proc.stdout, proc.stderr[-3000:]
+    assert re.search(r"rank 0: the batch of step 1 has not come after [234] s \(", proc.stderr), proc.stderr[-3000:]
+    assert f" {dataset}), data.read_timeout_s=2: ending this rank" in proc.stderr
+    if workers:
+        assert "DataStallError" in proc.stderr  # raised in the training thread: the run ends as failed
+    assert elapsed < 60
