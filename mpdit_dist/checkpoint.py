@@ -24,6 +24,11 @@ Resume takes the newest complete checkpoint by step number, verifies the
 checksums and falls back to the one before, with a warning, when it is damaged; when every
 checkpoint is damaged it stops with an error that names them, and deletes nothing.
 
+Readers that are not the trainer (export, sampling, a warm start of another run) may read a run
+that is still training and saving: :func:`read_published` verifies the checkpoint and reads it
+whole, starts again on the then newest one when retention deletes it (or a second save replaces
+it) under the reader, and changes nothing in the run directory.
+
 One history per run directory: the checkpoints of a run directory are steps of one run.
 :meth:`CheckpointManager.refuse_second_run` stops a second run from starting in a directory that
 holds checkpoints (``--resume never``, or a checkpoint of another directory); after a resume from
@@ -46,6 +51,7 @@ directory after it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -732,3 +738,257 @@ class CheckpointManager:
         elif rng.is_file():
             set_rng_state(torch.load(rng, weights_only=True))
         return state
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading the checkpoints of a run that may still be training (export, sampling, warm starts)
+# -----------------------------------------------------------------------------------------------
+
+class CheckpointGone(CheckpointError):
+    """The checkpoint directory was deleted or replaced while it was being read: the run that owns
+    it is still at work (its retention deletes old checkpoints, a second save of a step replaces its
+    checkpoint). The directory of a published checkpoint never changes in place, so this is the one
+    way a reader can meet a changing checkpoint."""
+
+
+class _Damaged(CheckpointError):
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"checkpoint {path} is damaged: {problem}")
+        self.named = f"{path} ({problem})"
+
+
+def _inode(path: Path) -> Optional[int]:
+    """The inode of directory ``path`` (which directory it is), None when nothing is at ``path``.
+    A checkpoint is deleted by renaming it first and replaced by a rename over its name, so the
+    directory found at its name after a read is the one read from only if it is the same inode."""
+    try:
+        return os.stat(path).st_ino
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ESTALE:
+            return None  # ESTALE: an NFS client's handle of a directory deleted or replaced on the server
+        raise
+
+
+def _still(path: Path, ino: int) -> bool:
+    """Whether ``path`` is still the directory ``ino`` (True when that cannot be told: an I/O error
+    is reported as such, not taken for a deletion)."""
+    try:
+        return _inode(path) == ino
+    except OSError:
+        return True
+
+
+def _failure(exc: BaseException) -> str:
+    """One line for ``exc``. DCP's ``CheckpointException`` (a ``BaseException``) holds each rank's
+    exception with its traceback in its message: the first rank's exception is what went wrong."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException) and exc.failures:
+        first = next(iter(exc.failures.values()))
+        exc = first[0] if isinstance(first, tuple) else first
+    return f"{type(exc).__name__}: {exc}"
+
+
+_LEFT_BY_THE_WRITER = (
+    ("tmp-", "a save in progress, or one a stopped run did not make visible"),
+    (_REPLACED, "a checkpoint that a new save of its step is replacing, or that a stopped run left renamed aside"),
+    (_DELETING, "a checkpoint that retention is deleting"),
+)
+
+
+def _not_published(root: Path) -> str:
+    """What a checkpoints directory without a published checkpoint holds instead (for an error)."""
+    seen = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            for prefix, what in _LEFT_BY_THE_WRITER:
+                if p.name.startswith(prefix + "step_"):
+                    seen.append(f"{p.name} ({what})")
+    return ("; it holds " + ", ".join(seen) + ". The training run's next start makes visible or removes what a "
+            "stopped run left; these are never read") if seen else ""
+
+
+def _pick_checkpoint(path: Path) -> tuple[str, int, dict[str, Any]]:
+    """(path, inode, trainer.json) of the published checkpoint directory ``path`` once it is verified
+    (:func:`verify`); :class:`CheckpointGone` when it disappears meanwhile, :class:`_Damaged` when
+    its manifest or checksums fail, :class:`CheckpointError` on an I/O error. Reads, never writes."""
+    ino = _inode(path)
+    if ino is None:
+        raise CheckpointGone(f"checkpoint {path} was removed before it could be read")
+    problem = verify(path)
+    state: dict[str, Any] = {}
+    if problem is None:
+        try:
+            state = json.loads((path / "trainer.json").read_text())
+        except OSError as exc:
+            problem = f"{UNREADABLE}: trainer.json: {exc}"
+        except ValueError as exc:  # checksummed as written: written wrong
+            problem = f"trainer.json unreadable: {exc}"
+    if _inode(path) != ino:  # the damage seen, if any, was the deletion
+        raise CheckpointGone(f"checkpoint {path} was removed while it was being verified")
+    if problem is None:
+        return str(path), ino, state
+    if problem.startswith(UNREADABLE):
+        raise CheckpointError(f"checkpoint {path} could not be read ({problem}); nothing was read from it: try "
+                              f"again once the file system is healthy, or name another checkpoint")
+    raise _Damaged(path, problem)
+
+
+def _pick_published(source: Path, newest: bool) -> tuple[str, int, dict[str, Any]]:
+    """The checkpoint to read (see :func:`read_published`), verified; one process, read-only."""
+    if not newest:
+        if not source.exists():
+            raise FileNotFoundError(f"checkpoint directory not found: {source}")
+        if not source.is_dir():
+            raise ValueError(f"{source} is a file, not a checkpoint directory (step_*): give an exported "
+                             f".safetensors, or convert an official checkpoint with python -m mpdit_dist.models.official")
+        for prefix, what in _LEFT_BY_THE_WRITER:
+            if source.name.startswith(prefix + "step_"):
+                raise CheckpointError(f"{source} is not a published checkpoint ({what}): name a step_* directory, "
+                                      f"or the run directory for its newest checkpoint")
+        if not (source / COMPLETE).exists():
+            for root, what in ((source / "checkpoints", "a run directory"), (source, "a checkpoints directory")):
+                inside = list_checkpoints(root)
+                if inside:
+                    raise CheckpointError(f"{source} is {what}, not a checkpoint: name one of its checkpoints "
+                                          f"(newest: {inside[0][1]}), or give the run directory {root.parent} "
+                                          f"as such for its newest checkpoint")
+        return _pick_checkpoint(source)
+    root = source / "checkpoints"
+    if not root.is_dir():
+        inside = list_checkpoints(source)
+        if inside:
+            raise FileNotFoundError(f"{source} is a checkpoints directory: name its run directory {source.parent}, "
+                                    f"or one of its checkpoints (newest: {inside[0][1]})")
+        raise FileNotFoundError(f"no checkpoints/ in {source}: not a run directory, or its run has not saved a "
+                                f"checkpoint yet")
+    listed = list_checkpoints(root)
+    if not listed:
+        raise FileNotFoundError(f"no published checkpoint under {root}{_not_published(root)}")
+    damaged = []
+    for _, path in listed:
+        try:
+            return _pick_checkpoint(path)
+        except _Damaged as exc:
+            damaged.append(exc.named)
+            log.warning("%s; falling back to the one before", exc)
+    raise CheckpointError(f"every published checkpoint in {root} is damaged: {'; '.join(damaged)}. Nothing was "
+                          f"read or changed")
+
+
+def read_published(source: Path, read: Callable[[Path, dict[str, Any]], Any], *,
+                   newest: bool) -> tuple[Path, dict[str, Any], Any]:
+    """``(checkpoint, its trainer.json, read(checkpoint, trainer.json))`` from a published checkpoint,
+    for the tools that read a run's checkpoints while the run may still be training and saving
+    (export, sampling, a warm start of another run). They are not the trainer: nothing in the run
+    directory is changed (no :meth:`CheckpointManager.clean_partial`; ``tmp-``, ``replaced-`` and
+    ``deleting-`` directories are left alone and never read).
+
+    ``newest``: ``source`` is a run directory and its newest intact checkpoint is read (damaged ones
+    are skipped with a warning, as at resume); otherwise ``source`` is the checkpoint directory.
+
+    The checkpoint is verified (:func:`verify`), then ``read``; a checkpoint deleted (retention) or
+    replaced under the reader, found by its directory's inode, makes the whole read start again
+    with the then newest checkpoint, after each wait of :data:`~mpdit_dist.fileio.RETRY_WAITS_S`,
+    with a warning naming it: what is returned was read whole from one verified checkpoint, or an
+    error names the checkpoint and what happened. A named checkpoint (``newest=False``) that
+    disappears is an error (there is no other to read).
+
+    Under a process group (every rank calls it, as ``torchrun`` sampling and a warm start of a
+    multi-rank run do), rank 0 picks and verifies the checkpoint and every rank reads that one:
+    no two ranks read different steps; ``read`` must involve no collective. A rank that meets a
+    deleted checkpoint makes every rank start again; an error on any rank raises on every rank."""
+    from .fileio import RETRY_WAITS_S, with_retries
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    source = Path(source)
+
+    def pick() -> tuple[str, Any]:
+        try:
+            return "ok", _pick_published(source, newest)
+        except CheckpointGone as exc:
+            return "gone", str(exc)
+
+    def attempt() -> tuple[Path, dict[str, Any], Any]:
+        kind, picked = on_rank0(rank, pick)
+        if kind == "gone":
+            raise CheckpointGone(picked)
+        path, ino, state = Path(picked[0]), picked[1], picked[2]
+        result, error, outcome = None, None, ("ok", "")
+        try:
+            if not _still(path, ino):
+                raise CheckpointGone(f"checkpoint {path} was removed before it could be read")
+            with _dcp_tracebacks_muted():
+                result = read(path, state)
+            now = _inode(path)
+            # another directory under its name now: the files read may be of either. (None: deleted since;
+            # every file was opened before that, in the directory verified, and read whole)
+            if now is not None and now != ino:
+                raise CheckpointGone(f"checkpoint {path} was replaced (a new save of its step) while it was read")
+        except CheckpointGone as exc:
+            error, outcome = exc, ("gone", str(exc))
+        except (Exception, _dcp_failure()) as exc:  # noqa: BLE001 - named, and raised on every rank
+            error = exc
+            if not _still(path, ino):
+                outcome = ("gone", f"checkpoint {path} was removed while it was being read ({_failure(exc)})")
+            else:
+                outcome = ("error", f"cannot read checkpoint {path}: {_failure(exc)}")
+        outcomes = all_gather_object(outcome)
+        if any(kind == "error" for kind, _ in outcomes):
+            if len(outcomes) == 1:
+                if isinstance(error, Exception):
+                    raise error  # as it came (a ValueError of the model's arguments stays one)
+                raise CheckpointError(outcome[1]) from error
+            raise CheckpointError("; ".join(f"rank {r}: {m}" for r, (k, m) in enumerate(outcomes) if k == "error")) \
+                from error
+        gone = [m for kind, m in outcomes if kind == "gone"]
+        if gone:
+            raise CheckpointGone(gone[0]) from error
+        return path, state, result
+
+    if not newest:
+        try:
+            return attempt()
+        except CheckpointGone as exc:
+            raise CheckpointError(f"{exc}: the run that owns it is still saving (its retention deletes old "
+                                  f"checkpoints, checkpoint.keep_last and keep_every; a second save of a step replaces "
+                                  f"its checkpoint). Name a newer checkpoint, or give its run directory for the "
+                                  f"newest") from exc
+
+    def told(exc: BaseException, wait: float) -> None:
+        if rank == 0:
+            log.warning("%s; the run is still saving checkpoints: reading the newest checkpoint of %s again in "
+                        "%g s", exc, source, wait)
+
+    try:
+        return with_retries(attempt, retry_if=lambda exc: isinstance(exc, CheckpointGone), on_retry=told)
+    except CheckpointGone as exc:
+        raise CheckpointError(
+            f"could not read a checkpoint of {source}: {len(RETRY_WAITS_S) + 1} times in a row the checkpoint was "
+            f"removed or replaced while it was read (last: {exc}). The run deletes checkpoints faster than they can "
+            f"be read: keep more of them (checkpoint.keep_last), or read a copy of one") from exc
+
+
+class _MuteDcpTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "torch/distributed/checkpoint/" in record.pathname.replace(os.sep, "/"))
+
+
+@contextlib.contextmanager
+def _dcp_tracebacks_muted():
+    """DCP logs a warning with a full traceback to the root logger (twice) when a checkpoint's
+    ``.metadata`` cannot be opened, then raises: for a checkpoint deleted under the reader, the
+    one line :func:`read_published` prints says it all, and the traceback would bury it."""
+    mute = _MuteDcpTracebacks()
+    logging.getLogger().addFilter(mute)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(mute)
+
+
+def _dcp_failure() -> type:
+    """DCP's ``CheckpointException``: a ``BaseException``, which ``except Exception`` lets through."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException

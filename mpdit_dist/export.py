@@ -5,6 +5,8 @@
 Reads a sharded checkpoint (torch.distributed.checkpoint) in one process, with no process group
 and no GPU, and writes one safetensors file whose metadata holds the model architecture, the data
 manifest and where it came from. Nothing here unpickles code: safetensors, DCP tensors, JSON.
+The run may still be training and saving: a run directory gives its newest intact checkpoint,
+read whole (see :func:`~mpdit_dist.checkpoint.read_published`), and nothing in it is changed.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .checkpoint import CheckpointManager, verify
+from .checkpoint import COMPLETE, CheckpointError, read_published
 from .fileio import atomic_path
 from .models import ATTENTION_BACKENDS, MPDiT, ModelArgs, flash_attn_available
 
@@ -58,24 +61,12 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _resolve_checkpoint(run_dir: Optional[str], checkpoint: Optional[str]) -> Path:
-    if checkpoint:
-        path = Path(checkpoint)
-        if path.is_file():
-            raise ValueError(f"{path} is a file, not a checkpoint directory (step_*): give an exported .safetensors, "
-                             f"or convert an official checkpoint with python -m mpdit_dist.models.official")
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
-        problem = verify(path)
-        if problem:
-            raise RuntimeError(f"checkpoint {path} is damaged: {problem}")
-        return path
-    if not run_dir:
-        raise ValueError("give a run directory or a checkpoint directory")
-    found = CheckpointManager(Path(run_dir)).find_latest()
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-    return found
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory (read: its newest checkpoint), not a checkpoint directory."""
+    path = Path(path)
+    if re.match(r"^([a-z]+-)?step_\d+$", path.name):  # step_*, and tmp-/replaced-/deleting-: refused by name
+        return False
+    return not any((path / name).exists() for name in (COMPLETE, "trainer.json", ".metadata"))
 
 
 def _model_args_from_state(tstate: dict[str, Any]) -> ModelArgs:
@@ -87,25 +78,37 @@ def _model_args_from_state(tstate: dict[str, Any]) -> ModelArgs:
 def load_checkpoint_weights(run_dir: Optional[str] = None, checkpoint: Optional[str] = None,
                             use_ema: bool = True, attention: Optional[str] = None,
                             ) -> tuple[MPDiT, dict[str, Any], dict[str, Any]]:
-    """(plain model with the checkpoint's weights, data manifest, info) on CPU.
+    """(plain model with the checkpoint's weights, data manifest, info) on CPU, from the checkpoint
+    directory ``checkpoint`` or the newest intact checkpoint of ``run_dir``.
+
+    The run may still be training and saving: the checkpoint is verified, then read whole, and one
+    deleted under the reader by the run's retention is read again from the then newest (see
+    :func:`~mpdit_dist.checkpoint.read_published`); nothing in the run directory is changed. Under
+    a process group every rank calls it and gets the same checkpoint's weights.
 
     ``attention``: the kernel to build the model with (default: the run's, see
     :func:`inference_attention`)."""
-    path = _resolve_checkpoint(run_dir, checkpoint)
-    tstate = json.loads((path / "trainer.json").read_text())
-    args = _model_args_from_state(tstate)
-    args = replace(args, attention=inference_attention(args.attention, attention, f"the weights of {path}"))
-    model = MPDiT(args)
+    if not (checkpoint or run_dir):
+        raise ValueError("give a run directory or a checkpoint directory")
     key = "ema" if use_ema else "model"
-    if tstate.get("backend") == "deepspeed" and (path / "deepspeed").is_dir():
-        from .distributed.deepspeed_backend import load_consolidated
 
-        sd = load_consolidated(path, key)
-    else:
-        sd = {k: v for k, v in model.state_dict().items()}
-        # without a process group DCP reads in one process, whatever world size wrote the shards
-        dcp.load({key: sd}, checkpoint_id=str(path))
-    model.load_state_dict(sd)
+    def read(path: Path, tstate: dict[str, Any]) -> MPDiT:
+        args = _model_args_from_state(tstate)
+        model = MPDiT(replace(args, attention=inference_attention(args.attention, attention,
+                                                                  f"the weights of {path}")))
+        if tstate.get("backend") == "deepspeed" and (path / "deepspeed").is_dir():
+            from .distributed.deepspeed_backend import load_consolidated
+
+            sd = load_consolidated(path, key)
+        else:
+            sd = {k: v for k, v in model.state_dict().items()}
+            # each process reads the whole model itself (no_dist): whatever world size wrote the shards,
+            # and with no collective, so that a checkpoint deleted under one rank cannot hang the others
+            dcp.load({key: sd}, checkpoint_id=str(path), no_dist=True)
+        model.load_state_dict(sd)
+        return model
+
+    path, tstate, model = read_published(Path(checkpoint or run_dir), read, newest=not checkpoint)
     manifest = tstate.get("manifest") or _manifest_of(tstate)
     info = {"source": str(path.resolve()), "step": tstate.get("step"), "config": tstate.get("config", {}), "ema": use_ema}
     return model, manifest, info
@@ -154,14 +157,23 @@ def load_exported(path: str | Path, attention: Optional[str] = None) -> tuple[MP
 
 
 def load_weights_into(model: MPDiT, source: str) -> None:
-    """Warm start (``train.init_from``): weights only, from an export or an official checkpoint."""
+    """Warm start (``train.init_from``): weights only, from an export, an official checkpoint, a
+    checkpoint directory or a run directory (its newest intact checkpoint; EMA weights from either),
+    also of a run that is still training (see :func:`load_checkpoint_weights`). Every rank calls it."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"train.init_from: {path} does not exist")
     if path.suffix == ".safetensors":
         other, _ = load_exported(path)
     elif path.is_dir():
-        other, _, _ = load_checkpoint_weights(checkpoint=str(path))
+        run_dir = is_run_dir(path)
+        try:
+            other, _, info = load_checkpoint_weights(run_dir=str(path) if run_dir else None,
+                                                     checkpoint=None if run_dir else str(path))
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise type(exc)(f"train.init_from={source}: {exc}") from exc
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.info("train.init_from: the EMA weights of %s (step %s)", info["source"], info["step"])
     else:
         from .models.official import load_official
 
@@ -188,9 +200,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not src.is_dir():
         ap.error(f"{src} is a file, not a run directory or a checkpoint directory (step_*); an official MPDiT "
                  "checkpoint converts with python -m mpdit_dist.models.official")
-    is_ckpt = (src / "trainer.json").is_file()
-    model, manifest, info = load_checkpoint_weights(run_dir=None if is_ckpt else str(src),
-                                                   checkpoint=str(src) if is_ckpt else None, use_ema=args.ema)
+    run_dir = is_run_dir(src)
+    try:
+        model, manifest, info = load_checkpoint_weights(run_dir=str(src) if run_dir else None,
+                                                       checkpoint=None if run_dir else str(src), use_ema=args.ema)
+    except (CheckpointError, FileNotFoundError) as exc:  # what happened, named: no traceback to read through
+        raise SystemExit(f"mpdit_dist.export: {exc}") from exc
     out = save_exported(model, args.out, {"manifest": manifest, "source": info["source"], "step": info["step"],
                                           "ema": args.ema, "config": info["config"]})
     print(f"exported {info['source']} (step {info['step']}, {'EMA' if args.ema else 'raw'} weights) -> {out}")

@@ -144,7 +144,9 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: Optional[int] = None, 
 
 def load_for_sampling(run_dir: Optional[str] = None, checkpoint: Optional[str] = None, use_ema: bool = True,
                       device: torch.device = torch.device("cpu"), attention: Optional[str] = None):
-    """(model, manifest, info) from a run dir / checkpoint dir (sharded) or an exported file.
+    """(model, manifest, info) from a run dir / checkpoint dir (sharded) or an exported file. The run
+    may still be training: its newest checkpoint is read whole, and under ``torchrun`` every rank
+    gets the same checkpoint (see :func:`mpdit_dist.export.load_checkpoint_weights`).
 
     ``attention``: the kernel to run with (default: the saved one, or ``auto`` where the saved
     ``flash_attn`` is not importable; see :func:`mpdit_dist.export.inference_attention`)."""
