@@ -104,7 +104,9 @@ class TrainConfig:
     eval_reference: Optional[str] = None  # ADM reference batch (.npz) or its cached statistics
     eval_inception: Optional[str] = None  # local FID-Inception weights (pt_inception-2015-12-05-*.pth)
     eval_input_size: int = 299  # the feature network's input size (299 as ADM; smaller only for tests)
-    init_from: Optional[str] = None  # weights-only warm start (safetensors export or official .pt)
+    # weights-only warm start: a safetensors export, an official .pt, a checkpoint directory or a run
+    # directory (its newest intact checkpoint's EMA weights, also while that run trains)
+    init_from: Optional[str] = None
     progress_bar: bool = True
     device: str = "auto"  # auto | cpu | cuda
     profile_memory: bool = True  # log peak_mem_gib, the peak GPU memory allocated so far (CUDA only)
