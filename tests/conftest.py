@@ -21,3 +21,19 @@ def npz(tmp_path_factory):
     from tests.helpers.runs import digits_npz
 
     return digits_npz(tmp_path_factory.mktemp("data") / "digits.npz", n=240)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    """A results directory, and so an MLflow SQLite store, shared by one test module's runs."""
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def client(results_dir):
+    """An MlflowClient on ``results_dir``'s store."""
+    from mlflow.tracking import MlflowClient
+
+    from mpdit_dist.tracking import default_tracking_uri
+
+    return MlflowClient(tracking_uri=default_tracking_uri(results_dir))

@@ -16,21 +16,9 @@ import pytest
 import torch
 
 from mpdit_dist.config import Config, TrackingConfig, flatten, to_dict
-from mpdit_dist.tracking import RUN_ID_FILE, Tracker, default_tracking_uri, read_metrics
+from mpdit_dist.tracking import RUN_ID_FILE, Tracker, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def results_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("results")
-
-
-@pytest.fixture(scope="module")
-def client(results_dir):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=default_tracking_uri(results_dir))
 
 
 def _params() -> dict:

@@ -12,20 +12,8 @@ import torch
 from mpdit_dist import fileio
 from mpdit_dist.config import TrackingConfig
 from mpdit_dist.profiling import TraceWindow
-from mpdit_dist.tracking import (RUN_ARTIFACTS, Tracker, default_tracking_uri, run_artifact_files,
+from mpdit_dist.tracking import (RUN_ARTIFACTS, Tracker, run_artifact_files,
                                  run_artifact_path)
-
-
-@pytest.fixture(scope="module")
-def results_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("results")
-
-
-@pytest.fixture(scope="module")
-def client(results_dir):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=default_tracking_uri(results_dir))
 
 
 @pytest.fixture
