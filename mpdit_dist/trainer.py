@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -1084,7 +1085,8 @@ def default_run_dir(cfg: C.Config) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """The ``train.py`` command line. Under a multi-rank launch it ends the process itself once the
-    run is over (see the end), so call :func:`train` rather than this from other Python code."""
+    run is over (see the end), and a stopped run leaves with :func:`stop_exit_status`, so call
+    :func:`train` rather than this from other Python code."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Train an MPDiT model.",
@@ -1096,8 +1098,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     preemption.install_signal_handlers()
     result = train(cfg, run_dir, args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
         print(json.dumps(result))
+    status = stop_exit_status(result)
+    if status and rank0:
+        log.warning("exit status %d: the run stopped at step %d, before its last step", status, result["step"])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the process group destroyed. Multi-rank gloo runs were seen to
         # abort in the interpreter's teardown now and then ("terminate called without an active
@@ -1105,5 +1111,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
-        os._exit(0)
+        os._exit(status)
+    if status:
+        raise SystemExit(status)
     return result
+
+
+def stop_exit_status(result: dict[str, Any]) -> int:
+    """The exit status of ``train.py`` for a run's result: 0 once it has reached its last step. A run
+    stopped before (by a signal, checkpointed at a step boundary) exits as a process that signal ended
+    would: 128 + its number, 143 where SIGTERM was among the signals (and for a stop asked by code),
+    140 for SIGUSR2 alone. So a job system, a shell loop or ``torchrun --max-restarts`` does not take
+    a stopped run for a finished one; one that restarts on such statuses continues it."""
+    if result["status"] != "preempted":
+        return 0
+    signals = [r for r in result.get("stop_reasons", ()) if r in signal.Signals.__members__]
+    first = "SIGTERM" if "SIGTERM" in signals or not signals else signals[0]
+    return 128 + int(signal.Signals[first])

@@ -56,3 +56,20 @@ def test_stop_flag_reasons_and_clear():
     finally:
         preemption.clear()
     assert not preemption.stop_requested()
+
+
+def test_train_py_exit_status_after_a_stop_is_the_signals():
+    """A run stopped before its last step must not exit 0 like a finished one (a job system or
+    ``torchrun --max-restarts`` would take it for done): 128 + the signal, SIGTERM's when among them."""
+    import signal
+
+    from mpdit_dist.trainer import stop_exit_status
+
+    def result(status, reasons=()):
+        return {"status": status, "step": 3, "run_dir": "r", "stop_reasons": list(reasons)}
+
+    assert stop_exit_status(result("finished")) == 0
+    assert stop_exit_status(result("preempted", ["SIGUSR2"])) == 128 + signal.SIGUSR2
+    assert stop_exit_status(result("preempted", ["SIGUSR2", "SIGTERM"])) == 128 + signal.SIGTERM
+    assert stop_exit_status(result("preempted", ["requested"])) == 128 + signal.SIGTERM
+    assert stop_exit_status({"status": "preempted", "step": 3, "run_dir": "r"}) == 128 + signal.SIGTERM

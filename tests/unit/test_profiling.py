@@ -1,6 +1,7 @@
 """torch.profiler: kernel/operator categories (bench and trainer) and the trainer's trace window."""
 import gzip
 import json
+import signal
 
 import pytest
 
@@ -78,7 +79,8 @@ def test_a_stop_inside_the_window_keeps_its_trace_and_the_resume_records_the_res
     train(tmp_path / "plain", npz, common)
     run = tmp_path / "run"
     window = ["train.profile_at=2", "train.profile_steps=3"]
-    proc = train(run, npz, common + window, fault="step:2:SIGUSR2")
+    proc = train(run, npz, common + window, fault="step:2:SIGUSR2", check=False)
+    assert proc.returncode == 128 + signal.SIGUSR2, proc.stderr[-3000:]  # stopped, not finished
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "preempted"
     cut = run / "profile" / "step_00000002"
     assert _trace_marks(cut / "rank0.trace.json.gz")[0] == {"train_step 2"}
