@@ -514,7 +514,7 @@ def load_consolidated(ckpt_path: str | Path, key: str) -> dict[str, torch.Tensor
         if not sizes:
             raise KeyError(f"checkpoint {ckpt_path} holds no EMA")
         flat = {name: torch.empty(size) for name, size in sizes.items()}
-        dcp.load({"ema": flat}, checkpoint_id=str(ckpt_path))
+        dcp.load({"ema": flat}, checkpoint_id=str(ckpt_path), no_dist=True)  # this process alone, also under torchrun
         shapes = _param_shapes(ckpt_path)
         return {name: t.view(shapes[name]) if name in shapes else t for name, t in flat.items()}
     raise ValueError(f"key must be 'model' or 'ema', not {key!r}")
