@@ -808,6 +808,8 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
                          f"--batch-size {batch_size} must be >= 1")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world size {world_size}: need 0 <= rank < world_size")
+    if workers is not None and workers < 1:  # 0 was taken as the default, silently
+        raise ValueError(f"--workers {workers} must be >= 1 (default: min(8, cpus))")
     root, out = Path(images), Path(out)
     skipped: list[dict[str, str]] = []
     classes, entries = list_image_folder(root, skipped)
@@ -943,6 +945,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="only check every shard file of --out against the sha256 in its manifest.json, "
                         "and the merged MDS index against the manifest's shards")
     args = p.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a dataset directory")
+    if args.finalize and not args.verify and not (Path(args.out) / mf.ENCODE_CONFIG).is_file():
+        p.error(f"--finalize: no {mf.ENCODE_CONFIG} in {args.out}: nothing was encoded there (run without "
+                "--finalize first)")
     try:
         if args.verify:
             try:
@@ -959,7 +966,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps({"manifest": str(Path(args.out) / mf.MANIFEST), "samples": manifest["num_samples"],
                               "failed": manifest["num_failed"]}))
             return 0
-        if not args.images or not args.resolution:
+        if not args.images or args.resolution is None:  # --resolution 0: refused below, naming it
             p.error("--images and --resolution are required (unless --finalize or --verify)")
         rank, world = world_from_env(args.rank, args.world_size)
         summary = encode_dataset(args.images, args.out, args.resolution, args.vae, args.formats,

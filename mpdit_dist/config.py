@@ -195,6 +195,24 @@ def refuse_below_one(ap, flags) -> None:
             ap.error(f"{flag} must be at least 1, got {value}")
 
 
+def refuse_bad_output(ap, flag: str, path, suffixes: tuple[str, ...] = ()) -> None:
+    """A command line's output file: ``ap.error`` (exit 2, naming the flag) where ``path`` is an
+    existing directory, lies under an existing file, or (``suffixes``) ends otherwise; found before
+    any work, not when the result is written at its end. None is a flag left unset."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        ap.error(f"{flag} {path} is a directory: give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        ap.error(f"{flag} {path}: give a {' or '.join(suffixes)} file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                ap.error(f"{flag} {path}: {parent} is a file, not a directory")
+            break
+
+
 def add_run_arguments(ap) -> None:
     """The command-line arguments every run entry point shares (train.py, slurm/submit.py)."""
     ap.add_argument("--config", required=True, help="YAML config file")
@@ -204,33 +222,61 @@ def add_run_arguments(ap) -> None:
 
 
 def _wrap(exc: Exception, where: str) -> ConfigError:
-    return ConfigError(f"{where}: {exc}")
+    """One line naming where and the key: OmegaConf's first line (its message), without the lines of
+    its own it adds (full_key, object_type); a YAML error's problem and line."""
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        line = f"line {mark.line + 1}: " if mark is not None and "<unicode string>" not in str(mark.name) else ""
+        return ConfigError(f"{where}: not valid YAML: {line}{exc.problem or exc.context}")
+    if isinstance(exc, yaml.YAMLError):
+        return ConfigError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}")
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides (OmegaConf dotlist)."""
+    import yaml
+
     schema = OmegaConf.structured(Config)
     try:
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ConfigError(f"config file {path} is a directory: give a YAML file")
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             loaded = OmegaConf.load(path)
             if not isinstance(loaded, DictConfig):  # a YAML list: OmegaConf's merge says only "TypeError"
                 raise ConfigError(f"config file {path}: must hold a mapping of sections (model:, data:, "
                                   f"train:, ...), not a {type(loaded).__name__}")
+            if not loaded:  # an empty (or truncated, or all-commented) file: every setting a default
+                raise ConfigError(f"config file {path} holds no settings (empty): give its sections (model:, "
+                                  "data:, train:, ...)")
+            for key, value in OmegaConf.to_container(loaded, resolve=False).items():
+                if key in schema and OmegaConf.is_dict(schema[key]) and not isinstance(value, dict):
+                    raise ConfigError(f"config file {path}: {key}: must be a mapping of its settings "
+                                      f"({key}:, then indented name: value lines), not {value!r}")
             schema = OmegaConf.merge(schema, loaded)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise _wrap(exc, f"config file {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not a text (UTF-8) file: {exc.reason} at byte {exc.start}") from None
+    bad = [o for o in overrides or [] if "=" not in o or "" in o.partition("=")[0].split(".")]  # "=5", "a..b=1"
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    for override in overrides or []:  # one at a time: an error names the override it comes from
+        try:
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([override]))
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise _wrap(exc, f"command-line override {override!r}") from None
     try:
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise _wrap(exc, "command-line override") from None
-    cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
+        cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:  # an interpolation (${...}) that resolves to nothing or a wrong type
+        raise _wrap(exc, "config") from None
     validate(cfg)
     return cfg
 
@@ -286,6 +332,14 @@ def validate(cfg: Config) -> None:
         "parallel.ac_every": (cfg.parallel.ac_every, 1),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0),
         "train.profile_at": (cfg.train.profile_at, 0),
+        # periods (0: off; a negative one was taken as off, silently) and the EMA's first step
+        "train.ckpt_every": (cfg.train.ckpt_every, 0),
+        "train.sample_every": (cfg.train.sample_every, 0),
+        "train.eval_every": (cfg.train.eval_every, 0),
+        "checkpoint.keep_every": (cfg.checkpoint.keep_every, 0),
+        "ema.start_step": (cfg.ema.start_step, 0),
+        # retention keeps at least the newest checkpoint: 0 or below was kept as 1, silently
+        "checkpoint.keep_last": (cfg.checkpoint.keep_last, 1),
         # numpy's generators (the evaluation's class plan) take no negative seed: it failed at the first evaluation
         "train.seed": (cfg.train.seed, 0),
     }

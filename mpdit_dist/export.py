@@ -23,6 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import COMPLETE, CheckpointError, read_published
+from .config import refuse_bad_output
 from .fileio import atomic_path
 from .models import ATTENTION_BACKENDS, MPDiT, ModelArgs, flash_attn_available
 
@@ -140,11 +141,14 @@ def save_exported(model: MPDiT, out: str | Path, meta: dict[str, Any]) -> Path:
 
 def load_exported(path: str | Path, attention: Optional[str] = None) -> tuple[MPDiT, dict[str, Any]]:
     """(model, metadata) of an exported file; ``attention`` as in :func:`load_checkpoint_weights`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except SafetensorError as exc:  # another kind of file named .safetensors, or a cut-short one
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
     if "model_args" not in header:
         raise ValueError(f"{path}: no model_args in the safetensors metadata (not written by mpdit_dist.export)")
     margs = json.loads(header["model_args"])
@@ -194,6 +198,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", required=True, help="output .safetensors")
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw weights)")
     args = ap.parse_args(argv)
+    # the suffix is how mpdit_dist.sample --checkpoint and train.init_from tell an export from the rest
+    refuse_bad_output(ap, "--out", args.out, (".safetensors",))
     src = Path(args.source)
     if not src.exists():
         ap.error(f"{src} does not exist (give a run directory or a checkpoint directory step_*)")

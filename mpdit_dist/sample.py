@@ -24,7 +24,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import refuse_below_one
+from .checkpoint import CheckpointError
+from .config import refuse_bad_output, refuse_below_one
 from .distributed.env import barrier, broadcast_object, init_distributed, shutdown
 from .fileio import atomic_write, lock_file, temp_files_of, write_text_atomic
 from .flow import guided_velocity, sample
@@ -372,7 +373,8 @@ def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse
     ap.add_argument("--keep-parts", action="store_true",
                     help="keep <out>.parts/ once the npz is written (default: removed; a rerun of the same "
                          "command then finds the npz complete and does nothing)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: a GPU if there is one; under torchrun each rank takes its own (LOCAL_RANK)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="the model's forward: bf16 autocast (auto on a GPU) or fp32 (auto on a CPU); fp32 is "
                          "strict fp32 unless --tf32")
@@ -393,6 +395,18 @@ def _parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, argparse
         ap.error(f"--seed must be at least 0, got {args.seed}")
     if args.attention == "flash_attn" and not flash_attn_available():
         ap.error("--attention flash_attn: the flash-attn package is not importable here")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available here")
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):  # nan/inf: every image black
+        ap.error(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    # the npz's settings go beside it as .json, its grid as .png: another suffix could be overwritten by them
+    refuse_bad_output(ap, "--out", args.out, (".npz",))
+    if args.grid is not None:  # an extension PIL cannot write failed once every sample was drawn
+        from PIL import Image
+
+        refuse_bad_output(ap, "--grid", args.grid)
+        if Image.registered_extensions().get(Path(args.grid).suffix.lower()) not in Image.SAVE:
+            ap.error(f"--grid {args.grid}: not an image file name PIL can write (use .png)")
     args.class_list = _parse_classes(ap, args.classes)
     args.interval = _parse_interval(ap, args.guidance_interval)
     return args, ap
@@ -424,7 +438,11 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
     device = dist_info.device
     if args.sampler == "dopri5" and args.steps is not None and dist_info.is_main:
         print("warning: --steps is ignored by the dopri5 sampler (adaptive step size)", file=sys.stderr)
-    model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device, args.attention)
+    try:
+        model, manifest, info = load_for_sampling(args.run_dir, args.checkpoint, not args.no_ema, device,
+                                                  args.attention)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:  # what is wrong with the source, named
+        raise SystemExit(f"mpdit_dist.sample: {exc}") from exc
     bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
     margs = model.args
     run_cfg = info.get("config", {}).get("train", {})

@@ -1092,12 +1092,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="Train an MPDiT model.",
                                  epilog="Overrides: key.sub=value, e.g. data.global_batch_size=256 train.steps=1000")
     C.add_run_arguments(ap)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides also after an option: a=1 --run-dir D b=2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = C.load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    preemption.install_signal_handlers()
-    result = train(cfg, run_dir, args.resume)
+    try:
+        cfg = C.load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+        preemption.install_signal_handlers()
+        result = train(cfg, run_dir, args.resume)
+    except C.ConfigError as exc:  # a mistake in the config or the command line: its message, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         print(json.dumps(result))

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                          "launch.cluster=debug, which trains in this process)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="with --wait: give up waiting after this many s (not for launch.cluster=debug)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides also after an option
     try:
         cfg = C.load_config(args.config, args.overrides)
     except C.ConfigError as exc:

@@ -74,7 +74,8 @@ def _extract_state_dict(obj: Any, use_ema: bool,
             key = "model"
         obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise OfficialCheckpointError("not an official MPDiT checkpoint: expected a state dict or {'model', 'ema'}")
+        raise OfficialCheckpointError(f"{source} is not an official MPDiT checkpoint: expected a state dict or "
+                                      "{'model', 'ema'}")
     sd = {k: v for k, v in obj.items()}
     # accelerate / torch.compile wrappers prefix the names
     for prefix in ("module.", "_orig_mod."):
@@ -201,14 +202,22 @@ def load_official_with_source(
     source = "the official state dict"
     if isinstance(path_or_state_dict, (str, Path)):
         path = Path(path_or_state_dict)
+        if path.is_dir():
+            raise OfficialCheckpointError(f"{path} is a directory, not an official checkpoint file (.pt); a run or "
+                                          "checkpoint directory of ours exports with python -m mpdit_dist.export")
         if not path.is_file():
             raise FileNotFoundError(f"official checkpoint not found: {path}")
         source = str(path)
         # weights_only: a checkpoint from elsewhere cannot run code; argparse.Namespace is allowed
         import argparse as _argparse
+        import pickle
 
-        with torch.serialization.safe_globals([_argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals([_argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # an .npz, a truncated file, ...
+            raise OfficialCheckpointError(f"{path} cannot be read as a PyTorch checkpoint "
+                                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     else:
         obj = path_or_state_dict
     sd, key = _extract_state_dict(obj, use_ema, source)
@@ -263,6 +272,7 @@ def official_manifest(args: ModelArgs, vae: str = "stabilityai/sd-vae-ft-ema") -
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from ..config import refuse_bad_output, refuse_below_one
     from ..export import save_exported
 
     ap = argparse.ArgumentParser(description="Convert an official MPDiT checkpoint into our exported format")
@@ -273,10 +283,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                     help="the VAE to decode samples with: a local directory or a model id in the local HF cache")
     args = ap.parse_args(argv)
-    model, weights = load_official_with_source(args.checkpoint, num_heads=args.num_heads, use_ema=not args.no_ema)
+    refuse_below_one(ap, (("--num-heads", args.num_heads),))
     out = Path(args.out)
     if out.suffix != ".safetensors":
         out = out / "model.safetensors"
+    refuse_bad_output(ap, "--out", out)
+    try:
+        model, weights = load_official_with_source(args.checkpoint, num_heads=args.num_heads,
+                                                   use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as exc:  # OfficialCheckpointError among them: named, no traceback
+        raise SystemExit(f"mpdit_dist.models.official: {exc}") from exc
     # the official latents are standardised with OFFICIAL_LATENT_MEAN/STD: data.normalize=true
     # "ema": the weights actually taken (false where a checkpoint without EMA gave its raw weights;
     # null for a bare state dict, which does not say); "checkpoint_key": the entry they came from

@@ -3,6 +3,7 @@ usable checkpoint, or fails on every rank naming the cause; the checkpoints befo
 resume continues exactly. The moments are chosen with ``MPDIT_FAULT`` (see checkpoint.fault_point)."""
 import json
 import re
+import signal
 
 import pytest
 
@@ -35,8 +36,9 @@ def reference(tmp_path_factory, npz):
 def test_a_signal_at_an_awkward_moment_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, npz, reference,
                                                                                   fault, extra, reasons):
     run = tmp_path / "run"
-    proc = train(run, npz, STEPS + extra, fault=fault)
+    proc = train(run, npz, STEPS + extra, fault=fault, check=False)
     assert _result(proc) == {"status": "preempted", "step": 5, "run_dir": str(run), "stop_reasons": reasons}
+    assert proc.returncode == 128 + signal.Signals[reasons[0]], proc.stderr[-3000:]  # SIGTERM's when among them
     assert _steps(run) == [4, 5] and not list((run / "checkpoints").glob("tmp-*"))
     assert _result(train(run, npz, STEPS + extra))["status"] == "finished"
     assert losses(run) == pytest.approx(reference, rel=1e-6)
