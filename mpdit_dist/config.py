@@ -374,6 +374,13 @@ def validate(cfg: Config) -> None:
     if cfg.train.sample_every > 0 and not cfg.train.sample_classes:  # the grids' classes (evaluation uses all)
         raise ConfigError(f"train.sample_classes=[] with train.sample_every={cfg.train.sample_every}: name the "
                           "classes of the sample grids, or set train.sample_every=0")
+    n = cfg.model.num_classes
+    if cfg.train.sample_classes != TrainConfig().sample_classes and any(
+            not 0 <= c < n for c in cfg.train.sample_classes):
+        # the default (ImageNet) classes are wrapped for a model of fewer classes; classes a user
+        # named were wrapped alike, silently (99 and -1 both drew class 9 of 10)
+        raise ConfigError(f"train.sample_classes={cfg.train.sample_classes}: classes are 0..{n - 1} "
+                          f"(model.num_classes={n})")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two values in [0, 1)")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

@@ -115,6 +115,16 @@ def test_train_py_overrides_may_follow_an_option(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before the run directory is made
 
 
+def test_sample_classes_a_user_names_must_exist():
+    """They were wrapped silently (``c % num_classes``): 99 and -1 both drew class 9 of 10. The
+    default ImageNet classes are still wrapped for a model of fewer classes (the demo's)."""
+    with pytest.raises(C.ConfigError, match=r"train.sample_classes=\[99, -1\]: classes are 0..9 "
+                                            r"\(model.num_classes=10\)"):
+        C.load_config(None, ["model.num_classes=10", "train.sample_classes=[99,-1]"])
+    assert C.load_config(None, ["model.num_classes=10", "train.sample_classes=[0,9]"]).train.sample_classes == [0, 9]
+    C.load_config(None, ["model.num_classes=10"])  # the defaults: wrapped, as before
+
+
 # ----- mpdit_dist.sample -----
 
 
