@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests  # the 30 slowest tests listed at the end
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
