@@ -507,6 +507,18 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return shown
 
 
+def _start_output(out: Path, config: dict[str, Any], formats: Sequence[str]) -> dict[str, Any]:
+    """The output's folders, once ``config`` (this run's settings, with the per-sample checksum of this
+    code) agrees with what an earlier run there recorded; returns the config the run goes on with."""
+    if SAMPLE_CHECKSUM:
+        config["sample_checksum"] = SAMPLE_CHECKSUM
+    out.mkdir(parents=True, exist_ok=True)
+    config = _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
+    for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
+        (out / d).mkdir(exist_ok=True)
+    return config
+
+
 def _check_config(out: Path, config: dict[str, Any]) -> dict[str, Any]:
     """Record ``config`` as the output's configuration, or check that it equals the recorded one;
     returns the configuration to write shards with.
@@ -747,12 +759,7 @@ def write_latents(out: str | os.PathLike, latents: dict[str, np.ndarray], labels
         "latent_shape": shape, "class_names": list(class_names), "num_images": n, "num_shards": num_shards,
         "images_sha256": None,
     }
-    if SAMPLE_CHECKSUM:
-        config["sample_checksum"] = SAMPLE_CHECKSUM
-    out.mkdir(parents=True, exist_ok=True)
-    config = _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
-    for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
-        (out / d).mkdir(exist_ok=True)
+    config = _start_output(out, config, formats)
     for s in range(num_shards):
         lo, hi = s * samples_per_shard, min(n, (s + 1) * samples_per_shard)
         stored = {f: _to_fp16(latents[f][lo:hi]) for f in fields}
@@ -827,12 +834,7 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     weights = encoder.weights_sha256()
     if weights is not None:
         config["encoder_weights_sha256"] = weights
-    if SAMPLE_CHECKSUM:
-        config["sample_checksum"] = SAMPLE_CHECKSUM
-    out.mkdir(parents=True, exist_ok=True)
-    config = _check_config(out, config)  # before any folder of the formats is made: a refused run leaves no trace
-    for d in (mf.PARTS_DIR, *(mf.MDS_DIR if f == "mds" else mf.WDS_DIR for f in formats)):
-        (out / d).mkdir(exist_ok=True)
+    config = _start_output(out, config, formats)
 
     mine = [s for s in range(num_shards) if s % world_size == rank]
     todo = [s for s in mine if not (out / mf.PARTS_DIR / f"{mf.part_name(s)}.json").is_file()]
