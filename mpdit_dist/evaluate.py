@@ -23,6 +23,7 @@ reference file and the checksum of the feature network, next to the reference fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ import os
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -66,6 +68,25 @@ class EvaluationError(ValueError):
 # ADM-format npz files, streamed (a 50,000-image 256x256 batch is 9.8 GB; it never sits in memory)
 
 
+# what reading a damaged or truncated npz raises: zip, zlib and npy-header errors, a CRC mismatch found
+# at the end of a member, a zip directory naming an unknown compression or version
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError)
+
+
+@contextlib.contextmanager
+def _reading_npz(path: PathLike) -> Iterator[None]:
+    """Turn what a damaged or truncated npz raises while it is read into an :class:`EvaluationError`
+    naming the file."""
+    try:
+        yield
+    except EvaluationError:
+        raise
+    except _NPZ_READ_ERRORS as err:
+        raise EvaluationError(
+            f"{path}: damaged or truncated npz file ({type(err).__name__}: {err}); write or copy it again"
+        ) from err
+
+
 @dataclass
 class NpzImages:
     """The uint8 ``(N, H, W, 3)`` image array ``key`` of an npz file, read in batches on demand."""
@@ -79,7 +100,7 @@ class NpzImages:
         return self.shape[0]
 
     def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
+        with _reading_npz(self.path), zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
             header = _read_npy_header(member)
             if header is None:  # a layout we do not stream: load it whole
                 array = np.load(self.path)[self.key]
@@ -117,11 +138,12 @@ def npz_keys(path: PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path}: no such file")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
-    except zipfile.BadZipFile as err:
-        raise EvaluationError(f"{path}: not an npz file ({err})") from err
+    with _reading_npz(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+        except zipfile.BadZipFile as err:
+            raise EvaluationError(f"{path}: not an npz file ({err})") from err
 
 
 def open_npz_images(path: PathLike, key: str = "arr_0") -> NpzImages:
@@ -130,13 +152,14 @@ def open_npz_images(path: PathLike, key: str = "arr_0") -> NpzImages:
     keys = npz_keys(path)
     if key not in keys:
         raise EvaluationError(f"{path}: no array '{key}' (holds {keys}); ADM's format keeps images in arr_0")
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
-        header = _read_npy_header(member)
-    if header is None:
-        array = np.load(path)[key]
-        shape, dtype = array.shape, array.dtype
-    else:
-        shape, _, dtype = header
+    with _reading_npz(path):
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+            header = _read_npy_header(member)
+        if header is None:
+            array = np.load(path)[key]
+            shape, dtype = array.shape, array.dtype
+        else:
+            shape, _, dtype = header
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
         raise EvaluationError(
             f"{path}: '{key}' must be uint8 images (N, H, W, 3) as in ADM's format, got {dtype} {tuple(shape)}"
@@ -188,7 +211,15 @@ def extract_features(
             logits.append(out.logits.float().cpu().numpy())
     if not pools:
         raise EvaluationError("no images to compute features of")
-    return Features(np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits))
+    features = Features(np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits))
+    for what in ("pool", "spatial", "logits"):  # NaN would turn into a NaN score, or a point outside every ball
+        finite = np.isfinite(getattr(features, what)).all(axis=1)
+        if not finite.all():
+            raise EvaluationError(
+                f"{desc}: the feature network gave non-finite {what} features for {int((~finite).sum())} of "
+                f"{len(finite)} images (first: image {int(np.argmin(finite))}); are its weights damaged?"
+            )
+    return features
 
 
 def _resolve_device(device, feature_net: Optional[torch.nn.Module] = None) -> torch.device:
@@ -222,6 +253,7 @@ class ReferenceStats:
     pool_features: Optional[np.ndarray] = None
     stats_source: str = "computed"
     num_images: int = 0
+    image_size: Optional[tuple[int, int]] = None  # (H, W) of the reference images, when it holds any
     sha256: Optional[str] = None
     feature_net_checksum: Optional[str] = None
     cache: str = "off"  # off | miss | hit | memory
@@ -234,7 +266,7 @@ class ReferenceStats:
         if missing:
             raise EvaluationError(f"reference statistics lack {missing}")
         pool = stats.get("pool_features")
-        return cls(
+        reference = cls(
             mu=np.asarray(stats["mu"], np.float64),
             sigma=np.asarray(stats["sigma"], np.float64),
             mu_s=np.asarray(stats["mu_s"], np.float64),
@@ -244,17 +276,38 @@ class ReferenceStats:
             num_images=0 if pool is None else len(pool),
             cache="off",
         )
+        check_statistics(reference, "reference statistics")
+        return reference
 
 
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+def check_statistics(reference: ReferenceStats, source: str) -> None:
+    """Raise :class:`EvaluationError` naming ``source`` and the key unless the means and covariances
+    (and the pool features, when given) are arrays of fitting shapes holding finite values: a NaN
+    would otherwise surface as an opaque linear-algebra error, or as points outside every ball."""
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        mean, cov = getattr(reference, mu_key), getattr(reference, sigma_key)
+        if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
+            raise EvaluationError(
+                f"{source}: '{mu_key}' {mean.shape} and '{sigma_key}' {cov.shape} are not a mean (D,) "
+                "and its covariance (D, D)"
+            )
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+            raise EvaluationError(f"{source}: '{mu_key}' or '{sigma_key}' holds non-finite values")
+    pool = reference.pool_features
+    if pool is not None and (pool.ndim != 2 or not np.isfinite(pool).all()):
+        raise EvaluationError(f"{source}: 'pool_features' {pool.shape} must be (N, D) finite features")
+
+
+_HASH_MEMO: dict[tuple[str, int, int, int, int], str] = {}
 _REFERENCE_MEMO: dict[tuple, ReferenceStats] = {}
 
 
 def file_sha256(path: PathLike) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime) for the life of the process."""
+    """SHA-256 of a file, remembered per (path, inode, size, mtime, ctime) for the life of the process
+    (ctime too: a copy that keeps the size and the old mtime, as ``cp -p`` or ``rsync -a`` make, changes it)."""
     path = Path(path).resolve()
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _HASH_MEMO:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -271,35 +324,66 @@ def reference_cache_path(reference: PathLike, ref_sha: str, net_checksum: str, c
     return directory / f"{reference.name}.ref-{ref_sha[:16]}.net-{net_checksum[:16]}.stats.npz"
 
 
+def _is_cache_file(keys: Sequence[str]) -> bool:
+    """Whether an npz holding ``keys`` is a reference cache written by :func:`_save_cache`."""
+    return {"meta", "mu", "sigma", "mu_s", "sigma_s", "pool_features"} <= set(keys)
+
+
+def _read_cache(path: Path) -> tuple[dict[str, Any], ReferenceStats]:
+    """The meta and the statistics of a reference cache file (raises what :data:`_NPZ_READ_ERRORS` holds, or KeyError)."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        return meta, ReferenceStats(
+            mu=data["mu"],
+            sigma=data["sigma"],
+            mu_s=data["mu_s"],
+            sigma_s=data["sigma_s"],
+            pool_features=data["pool_features"] if meta["has_pool_features"] else None,
+            stats_source=meta["stats_source"],
+            num_images=int(meta["num_images"]),
+            image_size=tuple(meta["image_size"]) if meta.get("image_size") else None,  # older caches lack it
+            sha256=meta.get("reference_sha256"),
+            feature_net_checksum=meta.get("feature_net_checksum"),
+            cache="hit",
+            cache_path=str(path),
+        )
+
+
 def _load_cache(path: Path, ref_sha: str, net_checksum: str) -> Optional[ReferenceStats]:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if (
-                meta.get("format") != CACHE_FORMAT
-                or meta.get("reference_sha256") != ref_sha
-                or meta.get("feature_net_checksum") != net_checksum
-            ):
-                log.warning("ignoring %s: made for another reference file or feature network", path)
-                return None
-            return ReferenceStats(
-                mu=data["mu"],
-                sigma=data["sigma"],
-                mu_s=data["mu_s"],
-                sigma_s=data["sigma_s"],
-                pool_features=data["pool_features"] if meta["has_pool_features"] else None,
-                stats_source=meta["stats_source"],
-                num_images=int(meta["num_images"]),
-                sha256=ref_sha,
-                feature_net_checksum=net_checksum,
-                cache="hit",
-                cache_path=str(path),
-            )
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        meta, stats = _read_cache(path)
+    except (*_NPZ_READ_ERRORS, KeyError) as err:
         log.warning("ignoring unreadable reference cache %s (%s); recomputing", path, err)
         return None
+    if (
+        meta.get("format") != CACHE_FORMAT
+        or meta.get("reference_sha256") != ref_sha
+        or meta.get("feature_net_checksum") != net_checksum
+    ):
+        log.warning("ignoring %s: made for another reference file or feature network", path)
+        return None
+    return stats
+
+
+def _cache_file_as_reference(path: Path, net_checksum: str) -> ReferenceStats:
+    """A reference cache file given as the reference: its statistics and pool features, as they are,
+    when the same feature network made them (else the metrics would compare two networks' features)."""
+    with _reading_npz(path):
+        try:
+            meta, stats = _read_cache(path)
+        except KeyError as err:
+            raise EvaluationError(f"{path}: a reference cache without {err}; pass the reference batch itself") from err
+    if meta.get("format") != CACHE_FORMAT or meta.get("feature_net_checksum") != net_checksum:
+        raise EvaluationError(
+            f"{path}: reference statistics made with another feature network or cache format (network "
+            f"{str(meta.get('feature_net_checksum'))[:16]}, format {meta.get('format')}; this evaluation: network "
+            f"{net_checksum[:16]}, format {CACHE_FORMAT}); pass the reference batch itself, or the Inception weights "
+            "and input size that made them"
+        )
+    check_statistics(stats, str(path))
+    return stats
 
 
 def _save_cache(path: Path, stats: ReferenceStats) -> bool:
@@ -309,6 +393,7 @@ def _save_cache(path: Path, stats: ReferenceStats) -> bool:
         "feature_net_checksum": stats.feature_net_checksum,
         "stats_source": stats.stats_source,
         "num_images": stats.num_images,
+        "image_size": None if stats.image_size is None else list(stats.image_size),
         "has_pool_features": stats.pool_features is not None,
     }
     try:
@@ -353,16 +438,18 @@ def load_reference(
     if use_cache and memo_key in _REFERENCE_MEMO:
         return dataclasses.replace(_REFERENCE_MEMO[memo_key], cache="memory")
     cache_path = reference_cache_path(reference, ref_sha, net_checksum, cache_dir)
-    stats = _load_cache(cache_path, ref_sha, net_checksum) if use_cache else None
-    if stats is None:
+    if _is_cache_file(keys):  # a cache file given as the reference (it is not cached again)
+        stats = _cache_file_as_reference(reference, net_checksum)
+        log.info("reference statistics read from the cache file %s", reference)
+    elif use_cache and (stats := _load_cache(cache_path, ref_sha, net_checksum)) is not None:
+        log.info("reference statistics read from cache %s", cache_path)
+    else:
         stats = _compute_reference(reference, keys, feature_net, batch_size, device, progress)
         stats.sha256, stats.feature_net_checksum = ref_sha, net_checksum
         if use_cache:
             stats.cache = "miss"
             if _save_cache(cache_path, stats):
                 stats.cache_path = str(cache_path)
-    else:
-        log.info("reference statistics read from cache %s", cache_path)
     if use_cache:
         _REFERENCE_MEMO.clear()  # one reference at a time: its features can be 100s of MB
         _REFERENCE_MEMO[memo_key] = stats
@@ -379,25 +466,20 @@ def _compute_reference(
     if "arr_0" not in keys and not stat_keys:
         raise EvaluationError(f"{reference}: neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
     if stat_keys:  # checked before the reference images cost any feature extraction
-        try:
-            with np.load(reference, allow_pickle=False) as data:
-                mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
-        except (ValueError, TypeError) as err:  # object arrays, strings, ...
-            raise EvaluationError(f"{reference}: mu, sigma, mu_s, sigma_s must be numeric arrays ({err})") from err
-        for mu_key, sigma_key, mean, cov in (("mu", "sigma", mu, sigma), ("mu_s", "sigma_s", mu_s, sigma_s)):
-            if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
-                raise EvaluationError(
-                    f"{reference}: '{mu_key}' {mean.shape} and '{sigma_key}' {cov.shape} are not a mean (D,) "
-                    "and its covariance (D, D)"
-                )
-            if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
-                raise EvaluationError(f"{reference}: '{mu_key}' or '{sigma_key}' holds non-finite values")
+        with _reading_npz(reference):
+            try:
+                with np.load(reference, allow_pickle=False) as data:
+                    mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
+            except (ValueError, TypeError) as err:  # object arrays, strings, ...
+                raise EvaluationError(f"{reference}: mu, sigma, mu_s, sigma_s must be numeric arrays ({err})") from err
+        check_statistics(ReferenceStats(mu, sigma, mu_s, sigma_s), str(reference))
         if feature_net.input_size is not None:  # then the feature sizes are known without an image
             check_reference_fits(ReferenceStats(mu, sigma, mu_s, sigma_s), POOL_DIM, feature_net.spatial_dim(),
                                  str(reference))
-    features = None
+    features, image_size = None, None
     if "arr_0" in keys:
         images = open_npz_images(reference)
+        image_size = images.shape[1:3]
         log.info("computing reference features of %d images from %s", images.num_images, reference)
         features = extract_features(
             images.iter_batches(batch_size), feature_net, device,
@@ -417,6 +499,7 @@ def _compute_reference(
         pool_features=None if features is None else features.pool,
         stats_source=source,
         num_images=0 if features is None else len(features),
+        image_size=image_size,
     )
 
 
@@ -448,6 +531,38 @@ def check_reference_fits(reference: ReferenceStats, pool_dim: int, spatial_dim: 
                 f"{source}: reference '{mu_key}' {mu} / '{sigma_key}' {sigma} do not fit the samples' {dim}-dim "
                 f"{what} features: was the reference made with another feature network or input size?"
             )
+    pool = np.shape(reference.pool_features) if reference.pool_features is not None else None
+    if pool is not None and pool[1:] != (pool_dim,):
+        raise EvaluationError(
+            f"{source}: reference 'pool_features' {pool} do not fit the samples' {pool_dim}-dim pool_3 features"
+        )
+
+
+def resolution_warning(reference: ReferenceStats, sample_size: Sequence[int], source: str = "reference") -> Optional[str]:
+    """A warning when the reference images (``source``) are of another resolution than the samples, else None.
+
+    Both are resized to the network's input, so the metrics are computed, but they then compare
+    resolutions as well as models (e.g. 512x512 samples against ADM's 256x256 reference batch)."""
+    if reference.image_size is None or tuple(reference.image_size) == tuple(sample_size):
+        return None
+    (h, w), (rh, rw) = sample_size, reference.image_size
+    return (
+        f"the samples are {h}x{w} but the reference images of {source} are {rh}x{rw}: the metrics compare "
+        "resolutions as well as models; use the reference batch of the samples' resolution"
+    )
+
+
+def check_counts(num_samples: int, reference: ReferenceStats, k: int = 3, source: str = "samples") -> None:
+    """Raise :class:`EvaluationError` unless there are samples enough for a covariance and, where the
+    reference holds images, samples and reference images enough for k-NN balls (called before the
+    samples' features are extracted, and again on them); ``source`` names the samples."""
+    if num_samples < 2:
+        raise EvaluationError(f"{source}: need at least 2 samples for a covariance, got {num_samples}")
+    if reference.pool_features is not None and (num_samples <= k or len(reference.pool_features) <= k):
+        raise EvaluationError(
+            f"{source}: precision/recall with k={k} need more than {k} samples and reference images, "
+            f"got {num_samples} and {len(reference.pool_features)}"
+        )
 
 
 def label_order_warning(labels: np.ndarray, split_size: int = 5000) -> Optional[str]:
@@ -491,12 +606,13 @@ def read_labels(path: PathLike, num_images: int) -> Optional[np.ndarray]:
     """``arr_1`` of an ADM-format samples npz (the labels) when it holds one label per image."""
     if "arr_1" not in npz_keys(path):
         return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            labels = data["arr_1"]
-    except ValueError as err:  # e.g. an object array: only the order check needs the labels
-        log.info("%s: arr_1 not readable as labels (%s); not used", path, err)
-        return None
+    with _reading_npz(path):  # a damaged file is an error, even where only its labels are damaged
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                labels = data["arr_1"]
+        except ValueError as err:  # e.g. an object array: only the order check needs the labels
+            log.info("%s: arr_1 not readable as labels (%s); not used", path, err)
+            return None
     if labels.ndim != 1 or len(labels) != num_images or not np.issubdtype(labels.dtype, np.integer):
         log.info("%s: arr_1 is not one integer label per image (%s %s); not used", path, labels.dtype, labels.shape)
         return None
@@ -514,8 +630,7 @@ def metrics_from_features(
     """FID, sFID, Inception Score, precision and recall of sample features against a reference."""
     check_settings(k=k, is_split_size=is_split_size)
     n = len(samples)
-    if n < 2:
-        raise EvaluationError(f"need at least 2 samples for a covariance, got {n}")
+    check_counts(n, reference, k)
     check_reference_fits(reference, samples.pool.shape[1], samples.spatial.shape[1])
     fid, fid_route = _frechet(samples.pool, reference.mu, reference.sigma, device)
     sfid, sfid_route = _frechet(samples.spatial, reference.mu_s, reference.sigma_s, device)
@@ -528,11 +643,6 @@ def metrics_from_features(
     }
     if reference.pool_features is None:
         log.warning("the reference holds no images: precision and recall not computed (reported as null)")
-    elif n <= k or len(reference.pool_features) <= k:
-        raise EvaluationError(
-            f"precision/recall with k={k} need more than {k} samples and reference images, "
-            f"got {n} and {len(reference.pool_features)}"
-        )
     else:
         result["precision"], result["recall"] = precision_recall(
             reference.pool_features, samples.pool, k=k, batch_size=pr_batch_size, device=device
@@ -600,10 +710,13 @@ def compute_metrics(
         )
     device = _resolve_device(device, feature_net)
     ref = _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
-    check_reference_fits(  # before the samples' features: a bad reference costs no feature extraction
-        ref, POOL_DIM, feature_net.spatial_dim(samples_uint8.shape[1:3]),
-        "reference statistics" if isinstance(reference, (Mapping, ReferenceStats)) else str(reference),
-    )
+    source = "reference statistics" if isinstance(reference, (Mapping, ReferenceStats)) else str(reference)
+    # before the samples' features: a bad reference costs no feature extraction
+    check_reference_fits(ref, POOL_DIM, feature_net.spatial_dim(samples_uint8.shape[1:3]), source)
+    check_counts(len(samples_uint8), ref, k)
+    warnings = [w for w in [resolution_warning(ref, samples_uint8.shape[1:3], source)] if w]
+    for message in warnings:
+        log.warning("%s", message)
     features = extract_features(
         _array_batches(samples_uint8, batch_size), feature_net, device,
         total=math.ceil(len(samples_uint8) / batch_size), desc="samples", progress=progress,
@@ -611,6 +724,7 @@ def compute_metrics(
     result = metrics_from_features(features, ref, k=k, is_split_size=is_split_size, device=device)
     result["sample_image_size"] = list(samples_uint8.shape[1:3])
     result["eval_seconds"] = time.perf_counter() - start
+    result["warnings"] = warnings
     return result
 
 
@@ -651,6 +765,11 @@ def evaluate_npz(
     device = _resolve_device(device, feature_net)
     ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
     check_reference_fits(ref, POOL_DIM, feature_net.spatial_dim(images.shape[1:3]), str(reference))
+    check_counts(images.num_images, ref, k, str(samples))
+    resolution = resolution_warning(ref, images.shape[1:3], str(reference))
+    if resolution:
+        log.warning("%s", resolution)
+        warnings.append(resolution)
     features = extract_features(
         images.iter_batches(batch_size), feature_net, device,
         total=math.ceil(images.num_images / batch_size), desc="samples", progress=progress,
@@ -714,6 +833,8 @@ def log_to_mlflow(
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from mpdit_dist.config import refuse_bad_output
+
     parser = argparse.ArgumentParser(
         prog="python -m mpdit_dist.evaluate",
         description="ADM's FID, sFID, Inception Score, precision and recall, in PyTorch.",
@@ -749,6 +870,15 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                      f"got {args.input_size}")
     if args.tracking_uri and not args.mlflow_run_id:
         parser.error("--tracking-uri given without --mlflow-run-id")
+    if args.device is not None:  # a bad one ended in a traceback, a missing GPU after the reference was read
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r}: give cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device is available here")
+    # the metrics JSON is written once every feature is computed: a bad path would lose them
+    refuse_bad_output(parser, "--out", args.out)
     return args
 
 

@@ -404,6 +404,12 @@ def load_feature_net(
         raise FeatureNetError(
             f"{path} does not hold the FID-Inception weights: {'; '.join(details)}. {_WEIGHTS_HELP}"
         )
+    not_finite = sorted(k for k in expected if state[k].is_floating_point() and not torch.isfinite(state[k]).all())
+    if not_finite:
+        raise FeatureNetError(
+            f"{path}: {len(not_finite)} tensors hold NaN or infinite values (e.g. {', '.join(not_finite[:3])}): "
+            f"a damaged file. {_WEIGHTS_HELP}"
+        )
     # num_batches_tracked may be absent from the file (the TF conversion has none); keep ours
     net.load_state_dict({k: state[k] for k in expected}, strict=False)
     net.checksum()  # of the weights just read, before anyone can touch them

@@ -62,10 +62,10 @@ def test_statistics_of_another_feature_size_are_refused_before_any_features(tmp_
 
 
 def test_given_statistics_are_checked_before_the_samples_features(net, forwards, samples):
-    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL), "sigma_s": np.eye(SPATIAL + 1)}
-    with pytest.raises(EvaluationError, match=r"reference statistics: reference 'mu_s' \(63,\) / 'sigma_s' \(64, 64\)"):
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL + 1), "sigma_s": np.eye(SPATIAL + 1)}
+    with pytest.raises(EvaluationError, match=r"reference statistics: reference 'mu_s' \(64,\) / 'sigma_s' \(64, 64\)"):
         compute_metrics(samples[1], stats, net, batch_size=4, device="cpu")
     assert forwards == []
-    stats["sigma_s"] = np.eye(SPATIAL)
+    stats["mu_s"], stats["sigma_s"] = np.zeros(SPATIAL), np.eye(SPATIAL)
     assert np.isfinite(compute_metrics(samples[1], stats, net, batch_size=4, device="cpu")["sfid"])
     assert sum(forwards) == len(samples[1])

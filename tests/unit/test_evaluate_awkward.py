@@ -1,0 +1,186 @@
+"""Awkward inputs to the evaluation: damaged files, non-finite numbers, too few images, a reference of
+another resolution, a reference cache given as the reference, a reference rewritten in place.
+
+Each is refused with the file or key named (before any feature is computed where that is possible),
+or reported in ``warnings``; none is silently turned into a number. A small random feature network at
+75x75 (spatial features: 7 * 3 * 3 = 63 values) keeps every test at a few seconds on a CPU."""
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from mpdit_dist import evaluate
+from mpdit_dist.evaluate import EvaluationError, compute_metrics, evaluate_npz, file_sha256
+from mpdit_dist.inception import FeatureNetError, load_feature_net, random_feature_net
+
+SPATIAL = 63
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_feature_net(seed=0, input_size=75)
+
+
+@pytest.fixture()
+def forwards(net):
+    calls = []
+    handle = net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    yield calls
+    handle.remove()
+
+
+def _images(seed, n, size=16):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _flip_member_byte(path, member, offset):
+    """Flip one byte ``offset`` bytes into the stored data of ``member`` (as a bad copy or disk would)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(path.read_bytes())
+    name_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_len + extra_len + offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["images", "compressed images", "labels", "reference statistics"])
+def test_damaged_npz_is_an_error_naming_the_file(tmp_path, net, damaged):
+    """A byte flipped inside an npz member surfaced as zipfile's ``BadZipFile: Bad CRC-32 for file
+    'arr_0.npy'`` (or a zlib error), naming neither the file nor what to do; the command line, which
+    turns only EvaluationError into a one-line message, printed a traceback."""
+    samples, reference = tmp_path / "samples.npz", tmp_path / "reference.npz"
+    save = np.savez_compressed if damaged == "compressed images" else np.savez
+    save(samples, _images(0, 6), np.arange(6))
+    np.savez(reference, _images(1, 6), mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(SPATIAL),
+             sigma_s=np.eye(SPATIAL))
+    target, member, offset = {
+        "images": (samples, "arr_0.npy", 300),
+        "compressed images": (samples, "arr_0.npy", 40),
+        "labels": (samples, "arr_1.npy", 130),
+        "reference statistics": (reference, "sigma.npy", 5000),
+    }[damaged]
+    _flip_member_byte(target, member, offset)
+    with pytest.raises(EvaluationError, match=rf"{target}: damaged or truncated npz file"):
+        evaluate_npz(samples, reference, net, batch_size=4, device="cpu", k=1, use_cache=False, progress=False)
+
+
+def test_non_finite_features_are_an_error(net):
+    """A feature network giving NaN (damaged weights) made the Inception Score NaN without a word, left a
+    NaN sample outside every precision/recall ball, and made the Fréchet distance fail with an opaque
+    ``linalg.eigh: The algorithm failed to converge``."""
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL), "sigma_s": np.eye(SPATIAL)}
+    bad = random_feature_net(seed=0, input_size=75)
+    with torch.no_grad():
+        bad.fc.weight[5, 7] = float("nan")  # only the logits: FID and sFID stay finite
+    with pytest.raises(EvaluationError, match=r"samples: the feature network gave non-finite logits features for "
+                                              r"8 of 8 images \(first: image 0\)"):
+        compute_metrics(_images(0, 8), stats, bad, batch_size=4, device="cpu")
+
+    def one_nan(module, args, out):
+        out.pool[1, 3] = float("nan")
+        return out
+
+    handle = net.register_forward_hook(one_nan)
+    try:
+        with pytest.raises(EvaluationError, match=r"non-finite pool features for 2 of 8 images \(first: image 1\)"):
+            compute_metrics(_images(0, 8), stats, net, batch_size=4, device="cpu")
+    finally:
+        handle.remove()
+
+
+def test_weights_file_with_non_finite_values_is_refused(tmp_path, net):
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["Mixed_7c.branch1x1.conv.weight"][0, 0] = float("inf")
+    path = tmp_path / "inception.pth"
+    torch.save(state, path)
+    with pytest.raises(FeatureNetError, match=rf"{path}: 1 tensors hold NaN or infinite values \(e.g. "
+                                              r"Mixed_7c.branch1x1.conv.weight\)"):
+        load_feature_net(path, "cpu", input_size=75)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"sigma": np.diag(np.r_[np.nan, np.ones(2047)])}, r"reference statistics: 'mu' or 'sigma' holds non-finite values"),
+    ({"pool_features": np.full((5, 2048), np.nan, np.float32)}, r"'pool_features' \(5, 2048\) must be \(N, D\) finite"),
+    ({"pool_features": np.zeros((5, 100), np.float32)}, r"'pool_features' \(5, 100\) do not fit the samples' 2048-dim"),
+])
+def test_given_statistics_are_checked_for_non_finite_values_and_feature_sizes(net, forwards, override, message):
+    """A dict of statistics with a NaN failed inside the linear algebra; NaN pool features gave precision
+    and recall 0 without a word; pool features of another width failed after the samples' features."""
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL), "sigma_s": np.eye(SPATIAL)}
+    stats.update(override)
+    with pytest.raises(EvaluationError, match=message):
+        compute_metrics(_images(0, 8), stats, net, batch_size=4, device="cpu")
+    assert forwards == []  # refused before any feature
+
+
+def test_too_few_samples_are_refused_before_their_features(tmp_path, net, forwards):
+    """Fewer samples than a covariance or the k-NN balls need were refused only after the samples' (and
+    the reference's) features were computed: minutes of GPU time for a large set."""
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL), "sigma_s": np.eye(SPATIAL),
+             "pool_features": np.random.default_rng(0).normal(size=(10, 2048)).astype(np.float32)}
+    with pytest.raises(EvaluationError, match=r"samples: precision/recall with k=3 need more than 3 samples and "
+                                              r"reference images, got 3 and 10"):
+        compute_metrics(_images(0, 3), stats, net, batch_size=4, device="cpu")
+    with pytest.raises(EvaluationError, match=r"samples: need at least 2 samples for a covariance, got 0"):
+        compute_metrics(_images(0, 0), stats, net, batch_size=4, device="cpu")
+    assert forwards == []
+    np.savez(tmp_path / "one.npz", _images(0, 1))
+    np.savez(tmp_path / "ref.npz", _images(1, 5))
+    with pytest.raises(EvaluationError, match=rf"{tmp_path / 'one.npz'}: need at least 2 samples for a covariance"):
+        evaluate_npz(tmp_path / "one.npz", tmp_path / "ref.npz", net, batch_size=5, device="cpu", use_cache=False,
+                     progress=False)
+    assert forwards == [5]  # the reference's images only
+
+
+def test_reference_images_of_another_resolution_give_a_warning(tmp_path, net):
+    """512x512 samples against the 256x256 reference batch gave numbers without a word: both are resized
+    to the network's input, so the metrics compare resolutions as well as models."""
+    np.savez(tmp_path / "ref.npz", _images(1, 6, size=16))
+    np.savez(tmp_path / "samples32.npz", _images(0, 6, size=32))
+    np.savez(tmp_path / "samples16.npz", _images(0, 6, size=16))
+    kwargs = dict(batch_size=6, device="cpu", k=1, cache_dir=tmp_path / "cache", progress=False)
+    for cache in ("miss", "hit"):  # the reference's image size is kept in its cache
+        evaluate._REFERENCE_MEMO.clear()
+        got = evaluate_npz(tmp_path / "samples32.npz", tmp_path / "ref.npz", net, **kwargs)
+        assert got["reference_cache"] == cache
+        assert len(got["warnings"]) == 1 and "the samples are 32x32 but the reference images of" in got["warnings"][0]
+        assert "are 16x16" in got["warnings"][0]
+    assert evaluate_npz(tmp_path / "samples16.npz", tmp_path / "ref.npz", net, **kwargs)["warnings"] == []
+    in_training = compute_metrics(_images(0, 6, size=32), str(tmp_path / "ref.npz"), net, 6, "cpu", k=1,
+                                  cache_dir=tmp_path / "cache")
+    assert len(in_training["warnings"]) == 1 and "32x32" in in_training["warnings"][0]
+
+
+def test_reference_cache_file_given_as_the_reference(tmp_path, net):
+    """``train.eval_reference`` may name the cached statistics; they were read without their pool features
+    (precision and recall null, 'the reference holds no images'), and a cache made by another feature
+    network was used silently, comparing the features of two networks."""
+    np.savez(tmp_path / "ref.npz", _images(1, 8))
+    samples = _images(0, 8)
+    direct = compute_metrics(samples, str(tmp_path / "ref.npz"), net, 4, "cpu")
+    (cache,) = tmp_path.glob("ref.npz.ref-*.stats.npz")
+    evaluate._REFERENCE_MEMO.clear()
+    via_cache = compute_metrics(samples, str(cache), net, 4, "cpu")
+    for key in ("fid", "sfid", "precision", "recall", "num_reference_images", "reference_sha256"):
+        assert via_cache[key] == direct[key], key
+    assert via_cache["reference_cache"] == "hit"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz", cache.name]  # no cache of the cache
+    other = random_feature_net(seed=1, input_size=75)
+    with pytest.raises(EvaluationError, match=rf"{cache}: reference statistics made with another feature network"):
+        compute_metrics(samples, str(cache), other, 4, "cpu")
+
+
+def test_reference_rewritten_with_same_size_and_mtime_is_hashed_again(tmp_path):
+    """The hash memo was keyed by (path, size, mtime): a reference replaced by another of the same size
+    with its old mtime kept (``cp -p``, ``rsync -a``) kept its old hash, so the process went on with
+    the old reference's statistics from memory."""
+    path = tmp_path / "ref.npz"
+    np.savez(path, _images(0, 4))
+    before, st = file_sha256(path), path.stat()
+    np.savez(path, _images(1, 4))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert file_sha256(path) != before
