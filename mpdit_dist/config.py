@@ -351,7 +351,8 @@ def validate(cfg: Config) -> None:
         if getattr(cfg.model, key) is not None:
             at_least[f"model.{key}"] = (getattr(cfg.model, key), 1)
     if cfg.train.eval_every > 0:
-        at_least["train.eval_num_samples"] = (cfg.train.eval_num_samples, 1)
+        # precision/recall take each sample's 3 nearest neighbours: fewer than 4 failed at the first evaluation
+        at_least["train.eval_num_samples"] = (cfg.train.eval_num_samples, 4)
     if cfg.train.profile_at > 0:
         at_least["train.profile_steps"] = (cfg.train.profile_steps, 1)
     for key, (value, low) in at_least.items():

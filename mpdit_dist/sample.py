@@ -87,6 +87,12 @@ def generate(model, args, classes: Sequence[int], *, seed: int, cfg_scale: float
 _VAE_CACHE: dict[str, Any] = {}
 
 
+def nonfinite_samples(latents: torch.Tensor) -> list[int]:
+    """Indices (in the batch) of the samples whose latents hold NaN or inf: decoded, they would be
+    black images (the cast to uint8 turns NaN into 0), scored as if the model had drawn them."""
+    return (~torch.isfinite(latents.detach().flatten(1)).all(dim=1)).nonzero().flatten().tolist()
+
+
 def decode_to_uint8(latents: torch.Tensor, manifest: dict[str, Any], device: torch.device,
                     normalized: bool = True) -> np.ndarray:
     """Model-space latents -> uint8 images (N, H, W, C) through the manifest's encoder.
@@ -569,6 +575,13 @@ def _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir: Pa
             chunk = labels[start:start + args.batch_size]
             lat = generate(model, margs, chunk, seed=args.seed, cfg_scale=cfg_scale, sampler=args.sampler, steps=steps,
                            device=device, bf16=bf16, guidance_interval=interval, offset=start)
+            bad = nonfinite_samples(lat)
+            if bad:  # written, they would be black images in the npz, and its FID that of a broken model
+                raise SystemExit(
+                    f"mpdit_dist.sample: {len(bad)} of {len(chunk)} samples of part {p} came out non-finite (NaN or "
+                    f"inf latents; samples {[start + i for i in bad[:8]]}{' ...' if len(bad) > 8 else ''}): the "
+                    f"weights or the settings (--cfg-scale {cfg_scale:g}, --sampler {args.sampler}, --precision) give "
+                    f"no image there; the parts written so far are kept")
             _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device, normalized),
                           labels=np.asarray(chunk, dtype=np.int64))
             if bar is not None:

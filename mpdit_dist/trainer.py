@@ -30,7 +30,7 @@ from .distributed.env import DistInfo, all_gather_object, broadcast_object, init
 from .ema import EMA, local_tensor
 from .flops import device_peak_flops, train_flops_per_image
 from .flow import FlowMatching
-from .sample import decode_to_uint8, generate, save_grid
+from .sample import decode_to_uint8, generate, nonfinite_samples, save_grid
 
 log = logging.getLogger("mpdit_dist.trainer")
 
@@ -812,6 +812,10 @@ class Trainer:
                                sampler=self.cfg.train.sample_sampler, steps=self.cfg.train.sample_steps,
                                device=self.device, bf16=self.autocast_bf16)
                 if self.dist.is_main:
+                    bad = nonfinite_samples(lat)
+                    if bad:
+                        log.warning("sample grid of step %d (cfg %g): %d of %d samples are non-finite (NaN or inf "
+                                    "latents), black in the grid: %s", self.step, scale, len(bad), len(classes), bad)
                     imgs = decode_to_uint8(lat, self.manifest, self.device, self.cfg.data.normalize)
                     path = self.run_dir / "samples" / f"step_{self.step:08d}_cfg{scale:g}.png"
                     distinct = len(set(classes))
@@ -834,7 +838,7 @@ class Trainer:
         per = math.ceil(len(labels) / d.world_size)
         start = d.rank * per
         mine = labels[start:start + per]
-        images = []
+        images, nonfinite = [], 0
         with self.ema.swapped_into(self.raw_model):
             for i in range(0, per, self.micro):  # every rank runs the same number of forwards (FSDP)
                 chunk = mine[i:i + self.micro] or [0]
@@ -842,8 +846,9 @@ class Trainer:
                                sampler=cfg.train.sample_sampler, steps=cfg.train.sample_steps, device=self.device,
                                bf16=self.autocast_bf16, offset=start + i)
                 if mine[i:i + self.micro]:
+                    nonfinite += len(nonfinite_samples(lat))
                     images.append(decode_to_uint8(lat, self.manifest, self.device, self.cfg.data.normalize))
-        local = np.concatenate(images) if images else np.zeros((0,), np.uint8)
+        local = (np.concatenate(images) if images else np.zeros((0,), np.uint8), nonfinite)
         if d.distributed:
             gathered = [None] * d.world_size
             dist.all_gather_object(gathered, local)
@@ -851,9 +856,17 @@ class Trainer:
             gathered = [local]
         if not d.is_main:
             return None
+        nonfinite = sum(n for _, n in gathered)
+        if nonfinite:
+            # decoded they are black images: an FID of them would describe a broken model, silently
+            log.warning("evaluation at step %d skipped: %d of %d samples came out non-finite (NaN or inf latents); "
+                        "logged as eval/nonfinite_samples", self.step, nonfinite, len(labels))
+            scalars = {"eval/nonfinite_samples": float(nonfinite)}
+            self.tracker.log_metrics(scalars, step=self.step)
+            return scalars
         from .evaluate import compute_metrics
 
-        samples = np.concatenate([g for g in gathered if g.size])
+        samples = np.concatenate([g for g, _ in gathered if g.size])
         metrics = compute_metrics(samples, cfg.train.eval_reference, self._load_feature_net(), device=self.device)
         scalars = {f"eval/{k}": float(metrics[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")
                    if metrics.get(k) is not None}

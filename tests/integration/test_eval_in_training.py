@@ -7,7 +7,9 @@ import torch
 from tests.helpers.runs import digits_npz, train
 
 
-def test_eval_every_logs_metrics(tmp_path):
+def _eval_run(tmp_path, extra=()):
+    """2 ranks train 2 steps on digits and evaluate 12 samples at step 2 against 40 real digits with a
+    small random feature network; the process and its metrics by step."""
     from mpdit_dist.inception import random_feature_net
     from mpdit_dist.tracking import read_metrics
 
@@ -16,15 +18,29 @@ def test_eval_every_logs_metrics(tmp_path):
         ref = ((z["x"][:40].transpose(0, 2, 3, 1) + 1) * 127.5).round().astype(np.uint8)
     np.savez(tmp_path / "ref.npz", arr_0=ref)
     torch.save(random_feature_net(0, input_size=75).state_dict(), tmp_path / "inception.pth")
-    train(tmp_path / "run", npz, ["train.steps=2", "train.ckpt_every=0", "train.eval_every=2",
-                                  "train.eval_num_samples=12", "train.sample_steps=2",
-                                  f"train.eval_reference={tmp_path / 'ref.npz'}",
-                                  f"train.eval_inception={tmp_path / 'inception.pth'}", "train.eval_input_size=75"],
-          nproc=2)
-    rows = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    proc = train(tmp_path / "run", npz, ["train.steps=2", "train.ckpt_every=0", "train.eval_every=2",
+                                         "train.eval_num_samples=12", "train.sample_steps=2",
+                                         f"train.eval_reference={tmp_path / 'ref.npz'}",
+                                         f"train.eval_inception={tmp_path / 'inception.pth'}",
+                                         "train.eval_input_size=75", *extra], nproc=2)
+    return proc, {r["step"]: r for r in read_metrics(tmp_path / "run")}
+
+
+def test_eval_every_logs_metrics(tmp_path):
+    _, rows = _eval_run(tmp_path)
     for key in ("eval/fid", "eval/sfid", "eval/inception_score", "eval/precision", "eval/recall"):
         assert key in rows[2] and math.isfinite(rows[2][key]), key
     assert rows[2]["eval/fid"] > 0
+
+
+def test_non_finite_samples_skip_the_evaluation_counted(tmp_path):
+    """A guidance scale that overflows (1e38) gives NaN latents on both ranks: decoded they were black
+    images, and the FID of those was logged as the model's. Now the evaluation is skipped, with the
+    count of such samples over all ranks logged and a warning."""
+    proc, rows = _eval_run(tmp_path, ["train.eval_cfg_scale=1e38"])
+    assert rows[2]["eval/nonfinite_samples"] == 12
+    assert not any(k in rows[2] for k in ("eval/fid", "eval/sfid", "eval/inception_score"))
+    assert "evaluation at step 2 skipped: 12 of 12 samples came out non-finite" in proc.stderr
 
 
 def test_eval_needs_reference_and_network(tmp_path):

@@ -125,6 +125,12 @@ def test_sample_classes_a_user_names_must_exist():
     C.load_config(None, ["model.num_classes=10"])  # the defaults: wrapped, as before
 
 
+def test_in_training_evaluation_needs_4_samples():
+    """Precision/recall take 3 nearest neighbours: eval_num_samples=3 passed, to fail at the first evaluation."""
+    with pytest.raises(C.ConfigError, match="train.eval_num_samples=3 must be >= 4"):
+        C.load_config(None, ["train.eval_every=5", "train.eval_num_samples=3"])
+
+
 # ----- mpdit_dist.sample -----
 
 

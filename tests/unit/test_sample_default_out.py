@@ -38,3 +38,24 @@ def test_default_out_of_a_run_dir_and_of_a_step_directory(tmp_path):
     step.mkdir(parents=True)
     assert default_out(str(run), None) == run / "samples" / "samples.npz"
     assert default_out(None, str(step)) == run / "samples" / "samples.npz"
+
+
+def test_non_finite_samples_stop_the_job_instead_of_black_images(tmp_path):
+    """Weights holding a NaN give NaN latents; cast to uint8 they were black images, written to the
+    npz (and scored) like any other sample."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    weights = _tiny_export(tmp_path / "w.safetensors")
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("bias") and "final" in k)
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(weights), metadata=meta)
+    out = tmp_path / "s.npz"
+    with pytest.raises(SystemExit, match=r"2 of 2 samples of part 0 came out non-finite .*samples \[0, 1\]"):
+        main(["--checkpoint", str(weights), "--num-per-class", "1", "--steps", "1", "--device", "cpu",
+              "--out", str(out)])
+    assert not out.exists()
