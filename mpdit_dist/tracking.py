@@ -418,7 +418,9 @@ class _MlflowWorker:
         self._queue.put(op)
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        """The calls still queued (the worker's own stop marker not counted)."""
+        with self._queue.mutex:
+            return sum(item is not _STOP for item in self._queue.queue)
 
     def pending_artifacts(self) -> list[str]:
         """The artifacts still queued (names, :meth:`_Artifact.name`)."""
