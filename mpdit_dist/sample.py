@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import refuse_bad_output, refuse_below_one
-from .distributed.env import barrier, broadcast_object, init_distributed, shutdown
+from .distributed.env import all_gather_object, barrier, broadcast_object, init_distributed, shutdown
 from .fileio import atomic_write, lock_file, temp_files_of, write_text_atomic
 from .flow import guided_velocity, sample
 from .metrics.numerics import float32_mode
@@ -502,9 +502,12 @@ def _sample(args: argparse.Namespace, ap: argparse.ArgumentParser, dist_info) ->
             _prepare_parts(parts_dir, settings)
             _warn_replacing(out, settings)
         barrier()
-        _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir, device=device, bf16=bf16,
-                      cfg_scale=cfg_scale, steps=steps, interval=interval, normalized=normalized)
-        barrier()
+        problem = _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir, device=device, bf16=bf16,
+                                cfg_scale=cfg_scale, steps=steps, interval=interval, normalized=normalized)
+        # a collective every rank reaches, also the one that stopped early: all leave with its message
+        problems = [p for p in all_gather_object(problem) if p]
+        if problems:
+            raise SystemExit(f"mpdit_dist.sample: {problems[0]}")
         if dist_info.is_main:
             _write_out(args, out, parts_dir, labels, settings)
             _remove_parts(parts_dir, lock, keep=args.keep_parts)
@@ -546,8 +549,9 @@ def _remove_parts(parts_dir: Path, lock: Optional[int], keep: bool) -> None:
 
 
 def _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir: Path, *, device, bf16, cfg_scale,
-                  steps, interval, normalized) -> None:
-    """This rank's parts that are missing, or that cannot be read back whole (sampled again)."""
+                  steps, interval, normalized) -> Optional[str]:
+    """This rank's parts that are missing, or that cannot be read back whole (sampled again). Returns
+    why it stopped before its last part (a part of non-finite samples, not written), else None."""
     n_parts = math.ceil(len(labels) / args.batch_size)
     mine = [p for p in range(n_parts) if p % dist_info.world_size == dist_info.rank]
     todo = []
@@ -569,6 +573,7 @@ def _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir: Pa
     # fp32 is strict fp32 (TF32 off) unless --tf32; under bf16 autocast PyTorch's defaults stay
     # (the VAE's cuDNN convolutions use TF32) unless --tf32 asks for TF32 matmuls too
     precision_mode = float32_mode(tf32=args.tf32) if (args.tf32 or not bf16) else contextlib.nullcontext()
+    failure = None
     with precision_mode:
         for p in todo:
             start = p * args.batch_size
@@ -577,17 +582,18 @@ def _sample_parts(args, dist_info, model, margs, manifest, labels, parts_dir: Pa
                            device=device, bf16=bf16, guidance_interval=interval, offset=start)
             bad = nonfinite_samples(lat)
             if bad:  # written, they would be black images in the npz, and its FID that of a broken model
-                raise SystemExit(
-                    f"mpdit_dist.sample: {len(bad)} of {len(chunk)} samples of part {p} came out non-finite (NaN or "
-                    f"inf latents; samples {[start + i for i in bad[:8]]}{' ...' if len(bad) > 8 else ''}): the "
-                    f"weights or the settings (--cfg-scale {cfg_scale:g}, --sampler {args.sampler}, --precision) give "
-                    f"no image there; the parts written so far are kept")
+                failure = (f"{len(bad)} of {len(chunk)} samples of part {p} came out non-finite (NaN or inf latents; "
+                           f"samples {[start + i for i in bad[:8]]}{' ...' if len(bad) > 8 else ''}): the weights or "
+                           f"the settings (--cfg-scale {cfg_scale:g}, --sampler {args.sampler}, --precision) give no "
+                           f"image there; the parts written so far are kept")
+                break
             _atomic_savez(parts_dir / f"part_{p:06d}.npz", images=decode_to_uint8(lat, manifest, device, normalized),
                           labels=np.asarray(chunk, dtype=np.int64))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
+    return failure
 
 
 def _write_out(args, out: Path, parts_dir: Path, labels: list[int], settings: dict) -> None:

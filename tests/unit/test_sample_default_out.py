@@ -40,22 +40,50 @@ def test_default_out_of_a_run_dir_and_of_a_step_directory(tmp_path):
     assert default_out(None, str(step)) == run / "samples" / "samples.npz"
 
 
+
+def _with_nan(weights, name, row=None):
+    """The export ``weights`` with a NaN written into its tensor ``name`` (into ``row`` of it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(weights))
+    (tensors[name] if row is None else tensors[name][row]).view(-1)[0] = float("nan")
+    save_file(tensors, str(weights), metadata=meta)
+    return weights
+
+
 def test_non_finite_samples_stop_the_job_instead_of_black_images(tmp_path):
     """Weights holding a NaN give NaN latents; cast to uint8 they were black images, written to the
     npz (and scored) like any other sample."""
     import pytest
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
 
     weights = _tiny_export(tmp_path / "w.safetensors")
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(weights))
-    name = next(k for k in tensors if k.endswith("bias") and "final" in k)
-    tensors[name][0] = float("nan")
-    save_file(tensors, str(weights), metadata=meta)
+    _with_nan(weights, "final_layer.linear.bias")
     out = tmp_path / "s.npz"
     with pytest.raises(SystemExit, match=r"2 of 2 samples of part 0 came out non-finite .*samples \[0, 1\]"):
         main(["--checkpoint", str(weights), "--num-per-class", "1", "--steps", "1", "--device", "cpu",
               "--out", str(out)])
     assert not out.exists()
+
+
+def test_non_finite_samples_on_one_rank_stop_every_rank_with_the_message(tmp_path):
+    """Class 1's embedding holds a NaN: only the rank that draws it meets non-finite samples. Every
+    rank leaves with the message (before, that rank exited alone and the other died in its barrier
+    with gloo's "Connection closed by peer" traceback, named by torchrun as the root cause)."""
+    import subprocess
+
+    from tests.helpers.runs import REPO, TORCHRUN, env
+
+    weights = _with_nan(_tiny_export(tmp_path / "w.safetensors"), "y_embedder.embedding_table.weight", row=1)
+    out = tmp_path / "s.npz"
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "mpdit_dist.sample", "--checkpoint",
+                           str(weights), "--classes", "0,1", "--num-per-class", "1", "--batch-size", "1", "--steps", "1",
+                           "--device", "cpu", "--out", str(out)], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and not out.exists()
+    assert proc.stderr.count("mpdit_dist.sample: 1 of 1 samples of part") == 2, proc.stderr[-3000:]
+    # torchrun prints its own ChildFailedError; no rank dies of anything but the message
+    assert "Connection closed" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+    assert len(list(out.with_name("s.npz.parts").glob("part_*.npz"))) == 1  # the class-0 part is kept
