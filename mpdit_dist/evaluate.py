@@ -75,12 +75,20 @@ _NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplem
 
 @contextlib.contextmanager
 def _reading_npz(path: PathLike) -> Iterator[None]:
-    """Turn what a damaged or truncated npz raises while it is read into an :class:`EvaluationError`
-    naming the file."""
+    """Turn what reading an npz raises into an :class:`EvaluationError` naming the file: an error of
+    the file system (permission denied, the file removed meanwhile, an I/O error: an ``OSError`` with
+    an errno) as such, the rest as a damaged or truncated file. Wrap reads only: a ``ValueError`` of
+    other code inside would be taken for damage."""
     try:
         yield
     except EvaluationError:
         raise
+    except OSError as err:
+        if err.errno is None:  # raised by the zip or npy reader itself
+            raise EvaluationError(
+                f"{path}: damaged or truncated npz file ({type(err).__name__}: {err}); write or copy it again"
+            ) from err
+        raise EvaluationError(f"{path}: cannot be read ({err.strerror or err})") from err
     except _NPZ_READ_ERRORS as err:
         raise EvaluationError(
             f"{path}: damaged or truncated npz file ({type(err).__name__}: {err}); write or copy it again"
@@ -100,6 +108,8 @@ class NpzImages:
         return self.shape[0]
 
     def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        if batch_size < 1:  # before the read: a ValueError inside it would be taken for a damaged file
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         with _reading_npz(self.path), zipfile.ZipFile(self.path) as archive, archive.open(f"{self.key}.npy") as member:
             header = _read_npy_header(member)
             if header is None:  # a layout we do not stream: load it whole
@@ -354,7 +364,7 @@ def _load_cache(path: Path, ref_sha: str, net_checksum: str) -> Optional[Referen
         return None
     try:
         meta, stats = _read_cache(path)
-    except (*_NPZ_READ_ERRORS, KeyError) as err:
+    except (*_NPZ_READ_ERRORS, KeyError, TypeError) as err:  # TypeError: a meta entry of the wrong type
         log.warning("ignoring unreadable reference cache %s (%s); recomputing", path, err)
         return None
     if (
@@ -375,6 +385,9 @@ def _cache_file_as_reference(path: Path, net_checksum: str) -> ReferenceStats:
             meta, stats = _read_cache(path)
         except KeyError as err:
             raise EvaluationError(f"{path}: a reference cache without {err}; pass the reference batch itself") from err
+        except (TypeError, json.JSONDecodeError) as err:  # its meta entry: not JSON, or entries of the wrong type
+            raise EvaluationError(f"{path}: a reference cache whose metadata cannot be read ({type(err).__name__}: "
+                                  f"{err}); pass the reference batch itself") from err
     if meta.get("format") != CACHE_FORMAT or meta.get("feature_net_checksum") != net_checksum:
         raise EvaluationError(
             f"{path}: reference statistics made with another feature network or cache format (network "
@@ -552,12 +565,18 @@ def resolution_warning(reference: ReferenceStats, sample_size: Sequence[int], so
     )
 
 
-def check_counts(num_samples: int, reference: ReferenceStats, k: int = 3, source: str = "samples") -> None:
+def check_counts(num_samples: int, reference: Optional[ReferenceStats], k: int = 3, source: str = "samples",
+                 knn: bool = False) -> None:
     """Raise :class:`EvaluationError` unless there are samples enough for a covariance and, where the
     reference holds images, samples and reference images enough for k-NN balls (called before the
-    samples' features are extracted, and again on them); ``source`` names the samples."""
+    samples' features are extracted, and again on them); ``source`` names the samples. Without the
+    reference yet (``None``), ``knn`` says whether it will hold images."""
     if num_samples < 2:
         raise EvaluationError(f"{source}: need at least 2 samples for a covariance, got {num_samples}")
+    if reference is None:
+        if knn and num_samples <= k:
+            raise EvaluationError(f"{source}: precision/recall with k={k} need more than {k} samples, got {num_samples}")
+        return
     if reference.pool_features is not None and (num_samples <= k or len(reference.pool_features) <= k):
         raise EvaluationError(
             f"{source}: precision/recall with k={k} need more than {k} samples and reference images, "
@@ -762,6 +781,8 @@ def evaluate_npz(
     if order_warning:
         log.warning("%s: %s", samples, order_warning)
         warnings.append(order_warning)
+    # the samples' own count before the reference costs any features; with the reference's after
+    check_counts(images.num_images, None, k, str(samples), knn="arr_0" in reference_keys)
     device = _resolve_device(device, feature_net)
     ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
     check_reference_fits(ref, POOL_DIM, feature_net.spatial_dim(images.shape[1:3]), str(reference))

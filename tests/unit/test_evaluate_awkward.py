@@ -4,6 +4,7 @@ another resolution, a reference cache given as the reference, a reference rewrit
 Each is refused with the file or key named (before any feature is computed where that is possible),
 or reported in ``warnings``; none is silently turned into a number. A small random feature network at
 75x75 (spatial features: 7 * 3 * 3 = 63 values) keeps every test at a few seconds on a CPU."""
+import json
 import os
 import zipfile
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from mpdit_dist import evaluate
-from mpdit_dist.evaluate import EvaluationError, compute_metrics, evaluate_npz, file_sha256
+from mpdit_dist.evaluate import EvaluationError, compute_metrics, evaluate_npz, file_sha256, open_npz_images
 from mpdit_dist.inception import FeatureNetError, load_feature_net, random_feature_net
 
 SPATIAL = 63
@@ -132,7 +133,13 @@ def test_too_few_samples_are_refused_before_their_features(tmp_path, net, forwar
     with pytest.raises(EvaluationError, match=rf"{tmp_path / 'one.npz'}: need at least 2 samples for a covariance"):
         evaluate_npz(tmp_path / "one.npz", tmp_path / "ref.npz", net, batch_size=5, device="cpu", use_cache=False,
                      progress=False)
-    assert forwards == [5]  # the reference's images only
+    assert forwards == []  # not even the reference's images
+    np.savez(tmp_path / "three.npz", _images(0, 3))
+    with pytest.raises(EvaluationError, match=rf"{tmp_path / 'three.npz'}: precision/recall with k=3 need more than "
+                                              r"3 samples, got 3"):
+        evaluate_npz(tmp_path / "three.npz", tmp_path / "ref.npz", net, batch_size=5, device="cpu", use_cache=False,
+                     progress=False)
+    assert forwards == []
 
 
 def test_reference_images_of_another_resolution_give_a_warning(tmp_path, net):
@@ -171,6 +178,27 @@ def test_reference_cache_file_given_as_the_reference(tmp_path, net):
     other = random_feature_net(seed=1, input_size=75)
     with pytest.raises(EvaluationError, match=rf"{cache}: reference statistics made with another feature network"):
         compute_metrics(samples, str(cache), other, 4, "cpu")
+    # its metadata with an entry of the wrong type: named, no TypeError traceback
+    with np.load(cache) as z:
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    meta["num_images"] = None
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(cache, **arrays)
+    evaluate._REFERENCE_MEMO.clear()
+    with pytest.raises(EvaluationError, match=rf"{cache}: a reference cache whose metadata cannot be read \(TypeError"):
+        compute_metrics(samples, str(cache), net, 4, "cpu")
+
+
+def test_a_file_system_error_is_not_called_damage(tmp_path):
+    """A samples file removed (or unreadable) under the reader was reported as "damaged or truncated
+    npz file ... write or copy it again"; it is the file system's error, named as such."""
+    path = tmp_path / "s.npz"
+    np.savez(path, _images(0, 4))
+    images = open_npz_images(path)
+    path.unlink()
+    with pytest.raises(EvaluationError, match=rf"{path}: cannot be read \(No such file or directory\)"):
+        next(images.iter_batches(2))
 
 
 def test_reference_rewritten_with_same_size_and_mtime_is_hashed_again(tmp_path):
