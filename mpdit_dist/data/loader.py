@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -32,6 +33,29 @@ from ..fileio import atomic_write
 from . import manifest as mf
 from .order import ORDER_SCHEME, GlobalOrder, sample_seed
 from .sources import Source, open_source
+
+def _outlive_outside_sigterm(worker_id: int) -> None:
+    """DataLoader worker set-up: a SIGTERM that is not the main process's leaves the worker alive.
+
+    SLURM (scancel, a time limit, a preemption) and torchrun deliver SIGTERM to every process of the
+    job step or process group, the DataLoader workers included. PyTorch's own worker handler exits
+    quietly when its main process sends it and otherwise dies of it; the main process then failed with
+    "DataLoader worker ... is killed by signal: Terminated" before the checkpoint its own SIGTERM handler
+    asks for (every run with workers stopped so lost the steps since its last checkpoint). Here SIGTERM
+    is blocked in the worker's threads and taken by one thread with ``sigwaitinfo``, which sees the
+    sender: the main process (the DataLoader ending a worker that did not stop in time) ends it at
+    once, anyone else is ignored; the main process ends its workers itself once it has saved, and a
+    worker whose main process is gone stops on its own (PyTorch's watchdog)."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made later inherit the mask
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="sigterm", daemon=True).start()
+
 
 STATE_VERSION = 2  # 2: the order is ORDER_SCHEME (1: numpy's Generator.permutation)
 
@@ -210,7 +234,8 @@ class ShardLoader:
             ds, batch_size=None, sampler=_Steps(self.step), num_workers=workers, collate_fn=_as_is,
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             pin_memory=bool(self.cfg.pin_memory) and torch.cuda.is_available(),
-            persistent_workers=False, timeout=self.read_timeout_s if workers > 0 else 0)
+            persistent_workers=False, timeout=self.read_timeout_s if workers > 0 else 0,
+            worker_init_fn=_outlive_outside_sigterm if workers > 0 else None)
         return iter(self._dl)
 
     def _waiting_for(self, step: int, waited: float) -> str:

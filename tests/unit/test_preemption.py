@@ -73,3 +73,44 @@ def test_train_py_exit_status_after_a_stop_is_the_signals():
     assert stop_exit_status(result("preempted", ["SIGUSR2", "SIGTERM"])) == 128 + signal.SIGTERM
     assert stop_exit_status(result("preempted", ["requested"])) == 128 + signal.SIGTERM
     assert stop_exit_status({"status": "preempted", "step": 3, "run_dir": "r"}) == 128 + signal.SIGTERM
+
+
+def test_sigterm_to_every_process_of_the_run_saves_a_checkpoint_with_dataloader_workers(tmp_path):
+    """SLURM (scancel, time limit, preemption) and torchrun send SIGTERM to every process of the step or
+    group, DataLoader workers included. PyTorch's worker handler died of a SIGTERM not sent by its main
+    process, and the main process then failed ("DataLoader worker ... is killed by signal: Terminated")
+    before the checkpoint its own handler had asked for: no checkpoint, the steps since the last lost.
+    Now the workers outlive it; the run stops at a step boundary with its checkpoint, exits 143, leaves
+    no process behind, and the same command continues it."""
+    import json
+    import os
+    import signal
+    import time
+
+    from tests.helpers.runs import PY, TINY, digits_npz, env
+
+    npz = digits_npz(tmp_path / "digits.npz", 60)
+    run = tmp_path / "run"
+    args = [PY, str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"), "--run-dir", str(run),
+            f"data.path={npz}", *TINY, "data.num_workers=2", "train.ckpt_every=0"]
+    proc = subprocess.Popen([*args, "train.steps=400"], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM and torchrun deliver it: the main process and its workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "killed by signal" not in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == "preempted" and result["stop_reasons"] == ["SIGTERM"]
+    assert (run / "checkpoints" / f"step_{result['step']:08d}").is_dir()
+    time.sleep(6)  # a worker left behind would notice its main process gone within PyTorch's 5 s check
+    try:
+        os.killpg(proc.pid, 0)
+        raise AssertionError("processes of the stopped run are still alive")
+    except ProcessLookupError:
+        pass
+    done = subprocess.run([*args, f"train.steps={result['step'] + 2}"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["status"] == "finished"
