@@ -237,6 +237,23 @@ def _wrap(exc: Exception, where: str) -> ConfigError:
     return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
+def _mismatched_key(schema: DictConfig, loaded: DictConfig, prefix: str = "") -> Optional[str]:
+    """The dotted key of ``loaded`` that makes OmegaConf's merge into ``schema`` raise a bare TypeError
+    (a list where a mapping is expected, or the other way round), found by merging one key at a time;
+    None when no single key does."""
+    for key, value in loaded.items():
+        name = f"{prefix}{key}"
+        try:
+            OmegaConf.merge(schema, {key: value})
+        except TypeError:
+            if key in schema and OmegaConf.is_dict(schema[key]) and OmegaConf.is_dict(value):
+                return _mismatched_key(schema[key], value, name + ".") or name
+            return name
+        except OmegaConfBaseException:  # another problem, reported by the whole merge's own error
+            continue
+    return None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides (OmegaConf dotlist)."""
     import yaml
@@ -260,7 +277,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 if key in schema and OmegaConf.is_dict(schema[key]) and not isinstance(value, dict):
                     raise ConfigError(f"config file {path}: {key}: must be a mapping of its settings "
                                       f"({key}:, then indented name: value lines), not {value!r}")
-            schema = OmegaConf.merge(schema, loaded)
+            try:
+                schema = OmegaConf.merge(schema, loaded)
+            except TypeError as exc:  # "Cannot merge incompatible container types": a list for a mapping, ...
+                raise ConfigError(f"config file {path}: {_mismatched_key(schema, loaded) or 'a setting'}: {exc} "
+                                  "(a list where a mapping is expected, or the other way round)") from None
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise _wrap(exc, f"config file {path}") from None
     except UnicodeDecodeError as exc:
@@ -273,6 +294,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([override]))
         except (OmegaConfBaseException, yaml.YAMLError) as exc:
             raise _wrap(exc, f"command-line override {override!r}") from None
+        except TypeError as exc:  # "Cannot merge incompatible container types": a list for a mapping, ...
+            raise ConfigError(f"command-line override {override!r}: {exc} (a list where a mapping is expected, "
+                              "or the other way round)") from None
     try:
         cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:  # an interpolation (${...}) that resolves to nothing or a wrong type

@@ -1114,6 +1114,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result = train(cfg, run_dir, args.resume)
     except C.ConfigError as exc:  # a mistake in the config or the command line: its message, no traceback
         print(f"error: {exc}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # as below: no interpreter teardown under gloo
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(2)
         raise SystemExit(2) from None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:

@@ -115,6 +115,19 @@ def test_train_py_overrides_may_follow_an_option(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before the run directory is made
 
 
+def test_a_list_for_a_mapping_is_named_not_a_type_error(tmp_path):
+    """OmegaConf's merge raised a bare TypeError ("Cannot merge incompatible container types"): a
+    traceback from train.py, naming neither the file nor the key."""
+    with pytest.raises(C.ConfigError, match=r"command-line override 'launch.tags=\[a\]': Cannot merge incompatible"):
+        C.load_config(None, ["launch.tags=[a]"])
+    for text, key in (("launch:\n  tags: [a, b]\n", "launch.tags"), ("model:\n  stages: {a: 1}\n", "model.stages")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(C.ConfigError, match=rf"config file {path}: {key}: Cannot merge incompatible container "
+                                                r"types \(a list where a mapping is expected"):
+            C.load_config(path)
+
+
 def test_sample_classes_a_user_names_must_exist():
     """They were wrapped silently (``c % num_classes``): 99 and -1 both drew class 9 of 10. The
     default ImageNet classes are still wrapped for a model of fewer classes (the demo's)."""
