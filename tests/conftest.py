@@ -37,3 +37,20 @@ def client(results_dir):
     from mpdit_dist.tracking import default_tracking_uri
 
     return MlflowClient(tracking_uri=default_tracking_uri(results_dir))
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A small randomly initialised Inception-like feature network (75x75 input: 63 spatial features)."""
+    from mpdit_dist.inception import random_feature_net
+
+    return random_feature_net(seed=0, input_size=75)
+
+
+@pytest.fixture()
+def forwards(net):
+    """The batch sizes of ``net``'s forward passes during a test."""
+    calls = []
+    handle = net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    yield calls
+    handle.remove()

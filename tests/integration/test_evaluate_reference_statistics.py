@@ -5,22 +5,8 @@ import numpy as np
 import pytest
 
 from mpdit_dist.evaluate import EvaluationError, compute_metrics, evaluate_npz
-from mpdit_dist.inception import random_feature_net
 
 SPATIAL = 63  # 7 channels x 3 x 3 at a 75x75 input
-
-
-@pytest.fixture(scope="module")
-def net():
-    return random_feature_net(seed=0, input_size=75)
-
-
-@pytest.fixture()
-def forwards(net):
-    calls = []
-    handle = net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-    yield calls
-    handle.remove()
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,6 @@ from mpdit_dist.inception import FeatureNetError, load_feature_net, random_featu
 SPATIAL = 63
 
 
-@pytest.fixture(scope="module")
-def net():
-    return random_feature_net(seed=0, input_size=75)
-
-
-@pytest.fixture()
-def forwards(net):
-    calls = []
-    handle = net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-    yield calls
-    handle.remove()
-
-
 def _images(seed, n, size=16):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 

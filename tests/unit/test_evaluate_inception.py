@@ -19,11 +19,6 @@ from mpdit_dist.inception import (
 
 
 @pytest.fixture(scope="module")
-def net():
-    return random_feature_net(seed=0, input_size=75)
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8))
 
