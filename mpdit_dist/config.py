@@ -232,6 +232,8 @@ def _wrap(exc: Exception, where: str) -> ConfigError:
         return ConfigError(f"{where}: not valid YAML: {line}{exc.problem or exc.context}")
     if isinstance(exc, yaml.YAMLError):
         return ConfigError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}")
+    if isinstance(exc, TypeError):  # OmegaConf's bare "Cannot merge incompatible container types"
+        return ConfigError(f"{where}: {exc} (a list where a mapping is expected, or the other way round)")
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     key = getattr(exc, "full_key", None)
     return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
@@ -279,9 +281,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                                       f"({key}:, then indented name: value lines), not {value!r}")
             try:
                 schema = OmegaConf.merge(schema, loaded)
-            except TypeError as exc:  # "Cannot merge incompatible container types": a list for a mapping, ...
-                raise ConfigError(f"config file {path}: {_mismatched_key(schema, loaded) or 'a setting'}: {exc} "
-                                  "(a list where a mapping is expected, or the other way round)") from None
+            except TypeError as exc:  # a list for a mapping, or the reverse: named by its key
+                raise _wrap(exc, f"config file {path}: {_mismatched_key(schema, loaded) or 'a setting'}") from None
     except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise _wrap(exc, f"config file {path}") from None
     except UnicodeDecodeError as exc:
@@ -292,11 +293,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for override in overrides or []:  # one at a time: an error names the override it comes from
         try:
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([override]))
-        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        except (OmegaConfBaseException, yaml.YAMLError, TypeError) as exc:
             raise _wrap(exc, f"command-line override {override!r}") from None
-        except TypeError as exc:  # "Cannot merge incompatible container types": a list for a mapping, ...
-            raise ConfigError(f"command-line override {override!r}: {exc} (a list where a mapping is expected, "
-                              "or the other way round)") from None
     try:
         cfg: Config = OmegaConf.to_object(schema)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:  # an interpolation (${...}) that resolves to nothing or a wrong type

@@ -485,10 +485,10 @@ def _compute_reference(
                     mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
             except (ValueError, TypeError) as err:  # object arrays, strings, ...
                 raise EvaluationError(f"{reference}: mu, sigma, mu_s, sigma_s must be numeric arrays ({err})") from err
-        check_statistics(ReferenceStats(mu, sigma, mu_s, sigma_s), str(reference))
+        given = ReferenceStats(mu, sigma, mu_s, sigma_s)
+        check_statistics(given, str(reference))
         if feature_net.input_size is not None:  # then the feature sizes are known without an image
-            check_reference_fits(ReferenceStats(mu, sigma, mu_s, sigma_s), POOL_DIM, feature_net.spatial_dim(),
-                                 str(reference))
+            check_reference_fits(given, POOL_DIM, feature_net.spatial_dim(), str(reference))
     features, image_size = None, None
     if "arr_0" in keys:
         images = open_npz_images(reference)
@@ -582,6 +582,19 @@ def check_counts(num_samples: int, reference: Optional[ReferenceStats], k: int =
             f"{source}: precision/recall with k={k} need more than {k} samples and reference images, "
             f"got {num_samples} and {len(reference.pool_features)}"
         )
+
+
+def _check_before_features(reference: ReferenceStats, num_samples: int, image_size: Sequence[int], feature_net,
+                           k: int, source: str, samples_source: str = "samples") -> list[str]:
+    """What must hold before the samples' features are computed, so that a reference that cannot fit
+    or too few samples cost no feature extraction (:func:`check_reference_fits`, :func:`check_counts`);
+    returns the warnings (logged): a reference of another resolution."""
+    check_reference_fits(reference, POOL_DIM, feature_net.spatial_dim(image_size), source)
+    check_counts(num_samples, reference, k, samples_source)
+    warning = resolution_warning(reference, image_size, source)
+    if warning:
+        log.warning("%s", warning)
+    return [warning] if warning else []
 
 
 def label_order_warning(labels: np.ndarray, split_size: int = 5000) -> Optional[str]:
@@ -730,12 +743,7 @@ def compute_metrics(
     device = _resolve_device(device, feature_net)
     ref = _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
     source = "reference statistics" if isinstance(reference, (Mapping, ReferenceStats)) else str(reference)
-    # before the samples' features: a bad reference costs no feature extraction
-    check_reference_fits(ref, POOL_DIM, feature_net.spatial_dim(samples_uint8.shape[1:3]), source)
-    check_counts(len(samples_uint8), ref, k)
-    warnings = [w for w in [resolution_warning(ref, samples_uint8.shape[1:3], source)] if w]
-    for message in warnings:
-        log.warning("%s", message)
+    warnings = _check_before_features(ref, len(samples_uint8), samples_uint8.shape[1:3], feature_net, k, source)
     features = extract_features(
         _array_batches(samples_uint8, batch_size), feature_net, device,
         total=math.ceil(len(samples_uint8) / batch_size), desc="samples", progress=progress,
@@ -785,12 +793,8 @@ def evaluate_npz(
     check_counts(images.num_images, None, k, str(samples), knn="arr_0" in reference_keys)
     device = _resolve_device(device, feature_net)
     ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
-    check_reference_fits(ref, POOL_DIM, feature_net.spatial_dim(images.shape[1:3]), str(reference))
-    check_counts(images.num_images, ref, k, str(samples))
-    resolution = resolution_warning(ref, images.shape[1:3], str(reference))
-    if resolution:
-        log.warning("%s", resolution)
-        warnings.append(resolution)
+    warnings += _check_before_features(ref, images.num_images, images.shape[1:3], feature_net, k, str(reference),
+                                       str(samples))
     features = extract_features(
         images.iter_batches(batch_size), feature_net, device,
         total=math.ceil(images.num_images / batch_size), desc="samples", progress=progress,

@@ -139,6 +139,14 @@ def save_exported(model: MPDiT, out: str | Path, meta: dict[str, Any]) -> Path:
     return out
 
 
+def load_directory_weights(path: Path, use_ema: bool = True) -> tuple[MPDiT, dict[str, Any], dict[str, Any]]:
+    """:func:`load_checkpoint_weights` of a run directory (its newest intact checkpoint) or of a
+    checkpoint directory, told apart by :func:`is_run_dir`."""
+    run_dir = is_run_dir(path)
+    return load_checkpoint_weights(run_dir=str(path) if run_dir else None, checkpoint=None if run_dir else str(path),
+                                   use_ema=use_ema)
+
+
 def load_exported(path: str | Path, attention: Optional[str] = None) -> tuple[MPDiT, dict[str, Any]]:
     """(model, metadata) of an exported file; ``attention`` as in :func:`load_checkpoint_weights`."""
     from safetensors import SafetensorError, safe_open
@@ -170,10 +178,8 @@ def load_weights_into(model: MPDiT, source: str) -> None:
     if path.suffix == ".safetensors":
         other, _ = load_exported(path)
     elif path.is_dir():
-        run_dir = is_run_dir(path)
         try:
-            other, _, info = load_checkpoint_weights(run_dir=str(path) if run_dir else None,
-                                                     checkpoint=None if run_dir else str(path))
+            other, _, info = load_directory_weights(path)
         except (CheckpointError, FileNotFoundError) as exc:
             raise type(exc)(f"train.init_from={source}: {exc}") from exc
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -206,10 +212,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not src.is_dir():
         ap.error(f"{src} is a file, not a run directory or a checkpoint directory (step_*); an official MPDiT "
                  "checkpoint converts with python -m mpdit_dist.models.official")
-    run_dir = is_run_dir(src)
     try:
-        model, manifest, info = load_checkpoint_weights(run_dir=str(src) if run_dir else None,
-                                                       checkpoint=None if run_dir else str(src), use_ema=args.ema)
+        model, manifest, info = load_directory_weights(src, use_ema=args.ema)
     except (CheckpointError, FileNotFoundError) as exc:  # what happened, named: no traceback to read through
         raise SystemExit(f"mpdit_dist.export: {exc}") from exc
     out = save_exported(model, args.out, {"manifest": manifest, "source": info["source"], "step": info["step"],

@@ -1114,28 +1114,29 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result = train(cfg, run_dir, args.resume)
     except C.ConfigError as exc:  # a mistake in the config or the command line: its message, no traceback
         print(f"error: {exc}", file=sys.stderr)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # as below: no interpreter teardown under gloo
-            sys.stderr.flush()
-            logging.shutdown()
-            os._exit(2)
-        raise SystemExit(2) from None
+        _leave(2)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         print(json.dumps(result))
     status = stop_exit_status(result)
     if status and rank0:
         log.warning("exit status %d: the run stopped at step %d, before its last step", status, result["step"])
+    _leave(status)
+    return result
+
+
+def _leave(status: int) -> None:
+    """End ``train.py`` with ``status`` (returns for 0 in a lone process). Under several ranks the
+    process group is destroyed by now, and multi-rank gloo runs were seen to abort in the
+    interpreter's teardown now and then ("terminate called without an active exception", SIGABRT),
+    which turned a finished run into a failed job: leave without it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written and the process group destroyed. Multi-rank gloo runs were seen to
-        # abort in the interpreter's teardown now and then ("terminate called without an active
-        # exception", SIGABRT), which turned a finished run into a failed job: leave without it.
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
         os._exit(status)
     if status:
         raise SystemExit(status)
-    return result
 
 
 def stop_exit_status(result: dict[str, Any]) -> int:
