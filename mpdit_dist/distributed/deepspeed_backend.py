@@ -203,13 +203,21 @@ class ShardedEMA(EMA):
     (``Shard(0)`` over all ranks, uneven at the end like ZeRO's partition) so that
     ``torch.distributed.checkpoint`` reshards the EMA to another world size.
 
-    Under ``bf16`` the EMA (fp32) follows ZeRO-3's fp32 master partitions; under ZeRO 0/1/2 the
-    fp32 master is partitioned in another layout, so it follows the bf16 working weights there."""
+    With bf16 weights the EMA follows the optimizer's fp32 masters, never the bf16 working copies
+    (a step smaller than a bf16 rounding step would not move those): ZeRO-3's fp32 partitions,
+    which have the EMA's layout; ZeRO 0's unpartitioned masters (sliced like the weights). ZeRO 1/2
+    partition their masters in another layout, the parameter groups flattened and cut into equal
+    pieces, so there each rank averages its own fragment of each master in place (``frags``, no
+    communication per step) and the layout above is assembled from the fragments only when the EMA
+    is saved or swapped in (:meth:`state_dict`, :meth:`swapped_into`: one all-reduce per
+    parameter, collective) and written back to them when it is loaded."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, start_step: int = 0,
-                 device_type: str = "cpu", release: Optional[Callable[[], None]] = None):
+                 device_type: str = "cpu", release: Optional[Callable[[], None]] = None,
+                 optimizer: Optional[Any] = None):
         """``release``: ZeRO-3's ``engine.empty_partition_cache`` (every parameter back to its
-        partition alone), called around a swap so no gathered copy outlives it."""
+        partition alone), called around a swap so no gathered copy outlives it. ``optimizer``: the
+        engine's optimizer, whose fp32 masters the EMA follows under bf16 at ZeRO 0."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Shard
 
@@ -228,11 +236,35 @@ class ShardedEMA(EMA):
                 if p.ds_tensor.numel() != size:
                     raise RuntimeError(f"ZeRO-3 partition of {name} has {p.ds_tensor.numel()} elements, expected "
                                        f"{size}: a partitioning other than plain data-parallel is not supported here")
-        mesh = init_device_mesh(device_type, (self.world,))
+        # ZeRO 0 with bf16: id(param) -> its whole fp32 master
+        self.masters = {} if self.zero3 else _unpartitioned_masters(optimizer)
+        # ZeRO 1/2 with bf16: this rank's fragment of the master (every rank has the attribute,
+        # ``None`` where it holds no piece, so every rank agrees on which parameters these are)
+        self.fragmented = [not self.zero3 and p.dtype != torch.float32 and hasattr(p, "_hp_mapping")
+                           for p in params]
+        self.frag_at: list[Optional[tuple[int, int]]] = [None] * len(params)  # (start, numel) in the flat param
+        self.frags: list[Optional[torch.Tensor]] = [None] * len(params)
         with torch.no_grad():
-            self.local = [s.detach().float().clone() for s in self._fp32_sources(params)]
+            for i, p in enumerate(params):
+                if self.fragmented[i]:
+                    self.frag_at[i], hp = self._fragment(p)
+                    self.frags[i] = hp.detach().clone()
+            self.local = [p.new_zeros(end - start, dtype=torch.float32) if s is None else s.detach().clone()
+                          for p, s, (_, start, end) in zip(params, self._fp32_sources(params), self.bounds)]
+        mesh = init_device_mesh(device_type, (self.world,))
         self.shadow = [DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=(n,), stride=(1,))
                        for t, n in zip(self.local, self.numels)]
+        self._assemble()
+
+    @staticmethod
+    def _fragment(p: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor]:
+        """(start, numel) in the flattened parameter and the fp32 values of this rank's fragment
+        of the master of ``p`` under ZeRO 1/2 (empty where this rank holds none of it)."""
+        mapping = p._hp_mapping
+        if mapping is None:
+            return (0, 0), torch.zeros(0, dtype=torch.float32, device=p.device)
+        at = (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
+        return at, mapping.get_hp_fragment().view(-1)
 
     def _sources(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """This rank's piece of each (flattened) live weight, as views."""
@@ -244,27 +276,69 @@ class ShardedEMA(EMA):
                 out.append(p.data.view(-1)[start:end])
         return out
 
-    def _fp32_sources(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What the EMA averages: the fp32 master partition under ZeRO-3 with bf16 weights (same
-        layout as ``ds_tensor``, already local), else the working weights."""
-        out = self._sources(params)
-        if self.zero3:
-            from deepspeed.utils import safe_get_local_fp32_param
+    def _fp32_sources(self, params: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """What the EMA averages, in its layout: the fp32 master partition under ZeRO-3 with bf16
+        weights (same layout as ``ds_tensor``, already local), the slice of the whole master
+        under ZeRO 0, else the working weights (fp32, or not trained); ``None`` for the fragmented
+        parameters (see :meth:`update`)."""
+        out: list[Optional[torch.Tensor]] = list(self._sources(params))
+        for i, (p, (_, start, end)) in enumerate(zip(params, self.bounds)):
+            if self.fragmented[i]:
+                out[i] = None
+            elif out[i].dtype != torch.float32 and p.requires_grad:
+                if self.zero3:
+                    from deepspeed.utils import safe_get_local_fp32_param
 
-            for i, (p, (_, start, end)) in enumerate(zip(params, self.bounds)):
-                if out[i].dtype != torch.float32 and p.requires_grad:
                     master = safe_get_local_fp32_param(p)
                     if master is not None:
                         out[i] = master.view(-1)[: end - start]
-        return [s if s.dtype == torch.float32 else s.float() for s in out]
+                elif id(p) in self.masters:
+                    out[i] = self.masters[id(p)].view(-1)[start:end]
+        return [s if s is None or s.dtype == torch.float32 else s.float() for s in out]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
-        src = self._fp32_sources(list(model.parameters()))
-        torch._foreach_lerp_(self.local, [s.to(t.device) for s, t in zip(src, self.local)], weight)
+        params = list(model.parameters())
+        dst, src = [], []
+        for i, (p, s) in enumerate(zip(params, self._fp32_sources(params))):
+            if s is not None:
+                dst.append(self.local[i])
+                src.append(s.to(self.local[i].device))
+                continue
+            at, hp = self._fragment(p)
+            if at != self.frag_at[i]:
+                raise RuntimeError(f"EMA of {self.names[i]}: DeepSpeed now keeps elements {at} of its fp32 master "
+                                   f"on rank {self.rank}, the EMA was laid out for {self.frag_at[i]}")
+            if hp.numel():
+                dst.append(self.frags[i])
+                src.append(hp.to(self.frags[i].device))
+        torch._foreach_lerp_(dst, src, weight)
+
+    def _full_from_fragments(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s whole EMA (flat, fp32) from every rank's fragment: collective."""
+        start, numel = self.frag_at[i]
+        full = torch.zeros(self.numels[i], dtype=torch.float32, device=self.local[i].device)
+        full[start:start + numel] = self.frags[i].to(full.device)
+        if self.world > 1:
+            dist.all_reduce(full)  # the fragments are disjoint and cover the parameter
+        return full
+
+    @torch.no_grad()
+    def _assemble(self) -> None:
+        """The EMA's layout (``local``, under ``shadow``) from the fragments: collective."""
+        for i in range(len(self.local)):
+            if self.fragmented[i]:
+                _, start, end = self.bounds[i]
+                self.local[i].copy_(self._full_from_fragments(i)[start:end])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA in its sharded layout (collective where fragments are assembled: every rank calls it)."""
+        self._assemble()
+        return super().state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Collective where the EMA is kept in fragments: every rank calls it."""
         self._require_all(state)
         with torch.no_grad():
             for name, local, shadow, (_, start, end) in zip(self.names, self.local, self.shadow, self.bounds):
@@ -272,6 +346,14 @@ class ShardedEMA(EMA):
                 if src is shadow:  # loaded in place by DCP
                     continue
                 local.copy_(src.to_local() if hasattr(src, "to_local") else src.reshape(-1)[start:end])
+            for i, (_, start, end) in enumerate(self.bounds):
+                if self.fragmented[i]:
+                    full = torch.zeros(self.numels[i], dtype=torch.float32, device=self.local[i].device)
+                    full[start:end] = self.local[i]
+                    if self.world > 1:
+                        dist.all_reduce(full)  # the ranks' pieces are disjoint and cover the parameter
+                    at, numel = self.frag_at[i]
+                    self.frags[i].copy_(full[at:at + numel])
 
     def _write_partitions(self, params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         # gathered full copies (persistent small parameters, the prefetch cache) would keep the old
@@ -293,8 +375,9 @@ class ShardedEMA(EMA):
                 self._write_partitions(params, self.local)
             else:
                 backup = [p.data.clone() for p in params]
-                for p, s in zip(params, self.shadow):
-                    p.data.copy_(s.full_tensor().view(p.shape))
+                for i, (p, s) in enumerate(zip(params, self.shadow)):
+                    full = self._full_from_fragments(i) if self.fragmented[i] else s.full_tensor()
+                    p.data.copy_(full.view(p.shape))
         try:
             yield model
         finally:
@@ -306,11 +389,21 @@ class ShardedEMA(EMA):
                         p.data.copy_(b)
 
 
+def _unpartitioned_masters(optimizer: Optional[Any]) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master under DeepSpeed's unpartitioned mixed-precision optimizer
+    (ZeRO 0 with bf16 or fp16: ``fp16_groups`` and ``fp32_groups`` side by side); empty otherwise."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high:
+        return {}
+    return {id(p): m for lg, hg in zip(low, high) for p, m in zip(lg, hg)
+            if torch.is_tensor(m) and m.dtype == torch.float32 and m.shape == p.shape}
+
+
 def make_ema(trainer) -> ShardedEMA:
     """The trainer's EMA under DeepSpeed (call after :func:`build_engine`)."""
     e = trainer.cfg.ema
     return ShardedEMA(trainer.raw_model, e.decay, e.warmup, e.start_step, device_type=trainer.device.type,
-                      release=trainer.engine.empty_partition_cache)
+                      release=trainer.engine.empty_partition_cache, optimizer=trainer.engine.optimizer)
 
 
 # ------------------------------------------------------------------------------------------------
