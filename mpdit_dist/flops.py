@@ -5,8 +5,9 @@ FLOP, matrix products only (linear layers, patch embeddings, the two attention p
 AV). Elementwise work (LayerNorm, GELU, modulation, softmax) and the FNO time embedder's FFTs are
 not counted; they are < 0.5% of the total at these sizes. Per image, a block on T tokens (class
 tokens included) of width D with MLP ratio r costs ``(4 + 2r) T D^2 + 2 T^2 D`` multiply-adds.
-The count equals what ``torch.utils.flop_counter`` counts in the real forward, for every named
-model (``tests/unit/test_flops_peaks.py``).
+The count equals what ``torch.utils.flop_counter`` counts in the real forward of every named model
+with the MLP time embedder; the FNO one adds its spectral product, 49,152 multiply-adds per image
+(``tests/unit/test_flops_peaks.py``).
 
 Training FLOPs (for MFU) are hardware FLOPs of the matrix products: 2 per multiply-add, times 3
 for forward + backward (the backward pass computes two products per forward product).
