@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mpdit_dist.fileio import atomic_write, write_json_atomic
+from mpdit_dist.fileio import NPY_HEADER_ERRORS, atomic_write, write_json_atomic
 from mpdit_dist.inception import MIN_INPUT_SIZE, POOL_DIM, FeatureNetError, InceptionFeatures, load_feature_net
 from mpdit_dist.metrics import (
     frechet_distance,
@@ -70,7 +71,7 @@ class EvaluationError(ValueError):
 
 # what reading a damaged or truncated npz raises: zip, zlib and npy-header errors, a CRC mismatch found
 # at the end of a member, a zip directory naming an unknown compression or version
-_NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError)
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, *NPY_HEADER_ERRORS)
 
 
 @contextlib.contextmanager
@@ -479,12 +480,19 @@ def _compute_reference(
     if "arr_0" not in keys and not stat_keys:
         raise EvaluationError(f"{reference}: neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
     if stat_keys:  # checked before the reference images cost any feature extraction
-        with _reading_npz(reference):
-            try:
-                with np.load(reference, allow_pickle=False) as data:
-                    mu, sigma, mu_s, sigma_s = (np.asarray(data[k], np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
-            except (ValueError, TypeError) as err:  # object arrays, strings, ...
-                raise EvaluationError(f"{reference}: mu, sigma, mu_s, sigma_s must be numeric arrays ({err})") from err
+        not_numeric = f"{reference}: mu, sigma, mu_s, sigma_s must be numeric arrays"
+        with _reading_npz(reference):  # damage named as such
+            with np.load(reference, allow_pickle=False) as data:
+                try:
+                    arrays = [data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")]
+                except ValueError as err:
+                    if "Object arrays cannot be loaded" not in str(err):
+                        raise
+                    raise EvaluationError(f"{not_numeric} ({err})") from err  # an object array
+        try:
+            mu, sigma, mu_s, sigma_s = (np.asarray(a, np.float64) for a in arrays)
+        except (ValueError, TypeError) as err:  # strings, ...
+            raise EvaluationError(f"{not_numeric} ({err})") from err
         given = ReferenceStats(mu, sigma, mu_s, sigma_s)
         check_statistics(given, str(reference))
         if feature_net.input_size is not None:  # then the feature sizes are known without an image
@@ -664,8 +672,9 @@ def metrics_from_features(
     n = len(samples)
     check_counts(n, reference, k)
     check_reference_fits(reference, samples.pool.shape[1], samples.spatial.shape[1])
-    fid, fid_route = _frechet(samples.pool, reference.mu, reference.sigma, device)
-    sfid, sfid_route = _frechet(samples.spatial, reference.mu_s, reference.sigma_s, device)
+    notes: list[str] = []
+    fid, fid_route = _frechet("FID", samples.pool, reference.mu, reference.sigma, device, notes)
+    sfid, sfid_route = _frechet("sFID", samples.spatial, reference.mu_s, reference.sigma_s, device, notes)
     result: dict[str, Any] = {
         "inception_score": inception_score(samples.logits, is_split_size),
         "fid": fid,
@@ -691,16 +700,30 @@ def metrics_from_features(
         pr_k=k,
         is_split_size=is_split_size,
         is_num_splits=math.ceil(n / is_split_size),
+        warnings=notes,
     )
     return result
 
 
-def _frechet(sample_features: np.ndarray, ref_mu, ref_sigma, device):
-    """ADM's route (statistics, scipy sqrtm), or the exact low-rank one for fewer samples than dims."""
+def _frechet(name: str, sample_features: np.ndarray, ref_mu, ref_sigma, device, notes: list[str]):
+    """ADM's route (statistics, scipy sqrtm), or the exact low-rank one for fewer samples than dims.
+    A warning of the sqrtm route (a singular product, taken with ``eps`` on the diagonals) is logged
+    and added to ``notes``; its failure (a root with a large imaginary part) is an EvaluationError."""
     if len(sample_features) < sample_features.shape[1]:
         return frechet_distance_low_rank(sample_features, ref_mu, ref_sigma, device), "low_rank"
     stats = gaussian_stats(sample_features, device)
-    return frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma), "sqrtm"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
+        except ValueError as err:
+            raise EvaluationError(f"{name}: {err}; the sample and reference covariances give no real "
+                                  "matrix square root") from err
+    for w in caught:
+        note = f"{name}: {w.message}"
+        log.warning("%s", note)
+        notes.append(note)
+    return value, "sqrtm"
 
 
 def _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress) -> ReferenceStats:
@@ -743,7 +766,7 @@ def compute_metrics(
     device = _resolve_device(device, feature_net)
     ref = _reference_stats(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
     source = "reference statistics" if isinstance(reference, (Mapping, ReferenceStats)) else str(reference)
-    warnings = _check_before_features(ref, len(samples_uint8), samples_uint8.shape[1:3], feature_net, k, source)
+    notes = _check_before_features(ref, len(samples_uint8), samples_uint8.shape[1:3], feature_net, k, source)
     features = extract_features(
         _array_batches(samples_uint8, batch_size), feature_net, device,
         total=math.ceil(len(samples_uint8) / batch_size), desc="samples", progress=progress,
@@ -751,7 +774,7 @@ def compute_metrics(
     result = metrics_from_features(features, ref, k=k, is_split_size=is_split_size, device=device)
     result["sample_image_size"] = list(samples_uint8.shape[1:3])
     result["eval_seconds"] = time.perf_counter() - start
-    result["warnings"] = warnings
+    result["warnings"] = notes + result["warnings"]
     return result
 
 
@@ -783,18 +806,18 @@ def evaluate_npz(
             samples, reference,
         )
     images = open_npz_images(samples)
-    warnings = []
+    notes = []
     labels = read_labels(samples, images.num_images)
     order_warning = None if labels is None else label_order_warning(labels, is_split_size)
     if order_warning:
         log.warning("%s: %s", samples, order_warning)
-        warnings.append(order_warning)
+        notes.append(order_warning)
     # the samples' own count before the reference costs any features; with the reference's after
     check_counts(images.num_images, None, k, str(samples), knn="arr_0" in reference_keys)
     device = _resolve_device(device, feature_net)
     ref = load_reference(reference, feature_net, batch_size, device, cache_dir, use_cache, progress)
-    warnings += _check_before_features(ref, images.num_images, images.shape[1:3], feature_net, k, str(reference),
-                                       str(samples))
+    notes += _check_before_features(ref, images.num_images, images.shape[1:3], feature_net, k, str(reference),
+                                    str(samples))
     features = extract_features(
         images.iter_batches(batch_size), feature_net, device,
         total=math.ceil(images.num_images / batch_size), desc="samples", progress=progress,
@@ -805,7 +828,7 @@ def evaluate_npz(
         reference=str(reference),
         sample_image_size=list(images.shape[1:3]),
         eval_seconds=time.perf_counter() - start,
-        warnings=warnings,
+        warnings=notes + result["warnings"],
     )
     return result
 

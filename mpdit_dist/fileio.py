@@ -13,6 +13,7 @@ One way for the whole package (the encoder, the loader, the sampler, export, eva
 - :func:`lock_file`: a ``flock`` on a lock file, the one lock of the package (shard claims and the
   finalizer of the encoder, the sampler's ``--out``, the creation of an MLflow SQLite store). The
   kernel drops it when its holder dies, so a killed job never leaves a stale lock.
+- :data:`NPY_HEADER_ERRORS`: what numpy raises reading a damaged ``.npy`` header.
 - :func:`with_retries`: a call tried again after each of :data:`RETRY_WAITS_S` while it fails in a
   way that may pass (a file missing for a moment, an I/O error or stale handle on a parallel file
   system, a busy tracking server).
@@ -26,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import tokenize
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional, TypeVar, Union
 
@@ -35,6 +37,11 @@ T = TypeVar("T")
 # the waits before trying a failed call again; after the last one its error stands
 RETRY_WAITS_S = (1.0, 4.0, 15.0)
 
+
+# What numpy raises while parsing a damaged ``.npy`` header: mostly ValueError; TypeError for a dtype it
+# cannot read; and tokenize.TokenError, which escapes from numpy's fallback parser (``_filter_header``,
+# tried after a SyntaxError, e.g. for a damaged quote).
+NPY_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError)
 
 def temp_tag() -> str:
     """``<host>-<pid>``: a temp-name part unique among the processes sharing a file system."""

@@ -256,6 +256,11 @@ class Source:
         return f"Check {self.shard_file(index)}, or write it again"
 
 
+def _damaged_npz(path: str, exc: BaseException) -> "ShardReadError":
+    return ShardReadError(f"{path}: damaged .npz ({type(exc).__name__}: {exc}): its bytes changed after it "
+                          f"was written (or it is cut short); write it again")
+
+
 class MemorySource(Source):
     """An ``.npz`` in memory (``data.format: memory``)."""
 
@@ -265,17 +270,22 @@ class MemorySource(Source):
             raise FileNotFoundError(f"data.path={path!r}: data.format=memory needs an existing .npz file")
         try:
             with np.load(p, allow_pickle=False) as z:
-                if "x" not in z or "y" not in z:
-                    raise ValueError(f"{path}: the .npz needs arrays 'x' (N, C, H, W) and 'y' (N,), "
-                                     f"has {list(z.keys())}")
-                self.x = np.ascontiguousarray(z["x"])
-                y = np.asarray(z["y"])
-                keys = [str(k) for k in z["keys"]] if "keys" in z else [f"{i:09d}" for i in range(len(self.x))]
-                num_classes = int(z["num_classes"]) if "num_classes" in z else (int(y.max()) + 1 if y.size else 0)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            # zipfile checks each member's CRC-32 as it reads it: a flipped bit anywhere in x or y lands here
-            raise ShardReadError(f"{path}: damaged .npz ({type(exc).__name__}: {exc}): its bytes changed after it "
-                                 f"was written (or it is cut short); write it again") from exc
+                names = list(z.keys())
+                arrays = {k: z[k] for k in ("x", "y", "keys", "num_classes") if k in names}
+        except ValueError as exc:
+            if "Object arrays cannot be loaded" in str(exc):  # not damage: a file of another kind
+                raise ValueError(f"{path}: holds object arrays ({exc}); x, y and keys must be plain arrays") from exc
+            raise _damaged_npz(path, exc) from exc
+        except (zipfile.BadZipFile, zlib.error, EOFError, *fileio.NPY_HEADER_ERRORS) as exc:
+            # zipfile checks each member's CRC-32 as it reads it: a flipped bit anywhere in x or y lands
+            # here, one in an array's header as numpy's parse error
+            raise _damaged_npz(path, exc) from exc
+        if "x" not in names or "y" not in names:
+            raise ValueError(f"{path}: the .npz needs arrays 'x' (N, C, H, W) and 'y' (N,), has {names}")
+        self.x = np.ascontiguousarray(arrays["x"])
+        y = np.asarray(arrays["y"])
+        keys = [str(k) for k in arrays["keys"]] if "keys" in arrays else [f"{i:09d}" for i in range(len(self.x))]
+        num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else (int(y.max()) + 1 if y.size else 0)
         if self.x.ndim != 4 or y.ndim != 1 or len(y) != len(self.x) or len(keys) != len(self.x):
             raise ValueError(f"{path}: x must be (N, C, H, W) with N == len(y) == len(keys); "
                              f"got x {self.x.shape}, y {y.shape}, keys {len(keys)}")
@@ -685,7 +695,7 @@ class WDSSource(_ShardedSource):
                     out[name[:-4]] = self._decode_npy(name, data)
                 elif name == self.checksum_field:
                     stored = int(bytes(data))
-            except (ValueError, TypeError) as exc:
+            except fileio.NPY_HEADER_ERRORS as exc:
                 raise ShardReadError(f"{self.shard_file(index)}: sample {index} (key {key}) member {name!r}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         self._check_label(out["label"], index, key)

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,61 @@ def test_a_damaged_memory_npz_is_named(tmp_path):
     with pytest.raises(ShardReadError, match=rf"{re.escape(str(path))}: damaged .npz \(BadZipFile: Bad CRC-32 for "
                                              rf"file 'x.npy'\).*write it again"):
         open_source("memory", str(path))
+
+
+def _header_flips(path: Path, start: int, length: int):
+    """Each byte of ``[start, start + length)`` flipped in turn (xor 0x5A), the file put back after."""
+    clean = path.read_bytes()
+    try:
+        for at in range(start, start + length):
+            data = bytearray(clean)
+            data[at] ^= 0x5A
+            path.write_bytes(bytes(data))
+            yield at
+    finally:
+        path.write_bytes(clean)
+
+
+def test_a_damaged_npy_header_is_named(digits, tmp_path):
+    """A byte changed in the ``.npy`` header of a WebDataset member or of a memory ``.npz`` array made
+    numpy raise what the readers did not expect: for a damaged quote a ``tokenize.TokenError`` that
+    escapes numpy's own fallback parser, a bare traceback naming neither file nor sample (and, for a
+    memory .npz, a ValueError without the file's name). Every header byte is tried: the read gives the
+    sample as written (a change the parser forgives, e.g. in the padding) or a ShardReadError naming
+    the file."""
+    root = _copy(digits, tmp_path)
+    want = open_source("wds", str(root)).read(9)["latent"]
+    path, data_start, _ = _wds_member(root, 1, 3, "latent.npy")  # sample 3 of shard 1: sample 9
+    idx = json.loads((root / mf.WDS_DIR / mf.wds_index_name(1)).read_text())
+    member_start = idx["offsets"][3][idx["members"].index("latent.npy")]
+    errors = []
+    for _ in _header_flips(path, member_start, data_start - member_start):  # magic, version, length, dict
+        try:
+            got = open_source("wds", str(root)).read(9)["latent"]
+        except ShardReadError as err:
+            assert str(err).startswith(f"{path}: sample 9 (key 000000009)"), str(err)
+            errors.append(str(err))
+        else:
+            assert np.array_equal(got, want)
+    assert any("TokenError" in e for e in errors), errors  # the case that escaped before
+
+    path = tmp_path / "lat.npz"
+    # large enough (256 KB) that zipfile does not read the whole member, and check its CRC, before numpy
+    # parses the header
+    np.savez(path, x=np.random.default_rng(0).normal(size=(64, 4, 16, 16)).astype(np.float32), y=np.arange(64) % 2)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x.npy")
+    head = bytearray(path.read_bytes())[info.header_offset:info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+    kinds = set()
+    for _ in _header_flips(path, start, 64):
+        with pytest.raises(ShardReadError, match=rf"^{re.escape(str(path))}: damaged .npz \((\w+)") as err:
+            open_source("memory", str(path))  # the member's CRC fails if its parse did not
+        kinds.add(re.match(r".*damaged .npz \((\w+)", str(err.value)).group(1))
+    assert "TokenError" in kinds, kinds
+    # an object array is no damage: named as a file of another kind
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x=np.array([{"a": 1}], dtype=object), y=np.arange(1))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(objects))}: holds object arrays") as err:
+        open_source("memory", str(objects))
+    assert not isinstance(err.value, ShardReadError)

@@ -199,3 +199,54 @@ def test_reference_rewritten_with_same_size_and_mtime_is_hashed_again(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
     assert file_sha256(path) != before
+
+
+def _statistics_npz(path, **override):
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL), "sigma_s": np.eye(SPATIAL)}
+    stats.update(override)
+    np.savez(path, **stats)
+    return path
+
+
+def test_statistics_file_with_a_damaged_header_is_called_damaged(tmp_path, net):
+    """A byte flipped in the npy header of a statistics array (numpy's ValueError while parsing it)
+    was reported as "mu, sigma, mu_s, sigma_s must be numeric arrays", sending the user to look at
+    what wrote the file instead of copying it again. Arrays that are not numbers still say so."""
+    np.savez(tmp_path / "samples.npz", _images(0, 6))
+    kwargs = dict(batch_size=6, device="cpu", k=1, use_cache=False, progress=False)
+    damaged = _statistics_npz(tmp_path / "damaged.npz")
+    _flip_member_byte(damaged, "sigma.npy", 20)  # inside the header's dict
+    with pytest.raises(EvaluationError, match=rf"{damaged}: damaged or truncated npz file"):
+        evaluate_npz(tmp_path / "samples.npz", damaged, net, **kwargs)
+    for name, value in [("objects", np.array([{"a": 1}], dtype=object)), ("strings", np.array(["zero"] * 2048))]:
+        path = tmp_path / f"{name}.npz"
+        _statistics_npz(path, mu=value) if name == "strings" else np.savez(
+            path, mu=value, sigma=np.eye(2048), mu_s=np.zeros(SPATIAL), sigma_s=np.eye(SPATIAL))
+        with pytest.raises(EvaluationError, match=rf"{path}: mu, sigma, mu_s, sigma_s must be numeric arrays"):
+            evaluate_npz(tmp_path / "samples.npz", path, net, **kwargs)
+
+
+def test_frechet_fallback_is_in_the_results_warnings_and_its_failure_is_an_evaluation_error(net, monkeypatch):
+    """ADM's fix for a singular covariance product (eps added to the diagonals) showed only as a Python
+    warning, which the JSON result of ``mpdit_dist.evaluate`` and the in-training log did not carry;
+    a root with a large imaginary part was a bare ValueError (a traceback on the command line). The
+    singular product is forced here by making the first square root non-finite; sFID takes the sqrtm
+    route with 70 samples of its 63 features (FID, 2048 features, the exact low-rank one)."""
+    from mpdit_dist.metrics import frechet
+
+    real_sqrtm, calls = frechet._sqrtm, []
+
+    def first_not_finite(matrix):
+        calls.append(matrix.shape)
+        return np.full(matrix.shape, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr(frechet, "_sqrtm", first_not_finite)
+    stats = {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(SPATIAL), "sigma_s": np.eye(SPATIAL)}
+    got = compute_metrics(_images(0, 70), stats, net, batch_size=35, device="cpu", k=1, is_split_size=35)
+    assert calls == [(SPATIAL, SPATIAL)] * 2 and got["sfid_route"] == "sqrtm" and np.isfinite(got["sfid"])
+    assert got["warnings"] == ["sFID: Fréchet distance: singular product; adding 1e-06 to the covariance diagonals"]
+
+    monkeypatch.setattr(frechet, "_sqrtm", lambda m: real_sqrtm(m) + 1j * np.eye(len(m)))
+    with pytest.raises(EvaluationError, match=r"sFID: Fréchet distance: imaginary component 1\.0; the sample and "
+                                              r"reference covariances give no real matrix square root"):
+        compute_metrics(_images(0, 70), stats, net, batch_size=35, device="cpu", k=1, is_split_size=35)
