@@ -2,7 +2,8 @@
 
     python -m data_prep.encode --images DIR --out DIR --resolution R \
         --vae {identity | diffusers id | local path} --formats mds,wds --samples-per-shard N \
-        [--flip] [--batch-size B] [--strict] [--store moments|sample] [--workers W] \
+        [--vae-dtype fp32|bf16|fp16] [--flip] [--batch-size B] [--strict] [--store moments|sample] \
+        [--workers W] \
         [--rank R --world-size W] [--finalize] [--verify]
 
 How the work is cut (and why the result does not depend on it): the sorted image listing is cut
@@ -39,8 +40,8 @@ shard claim removes: merge directories and manifest temp files of killed finaliz
 files of claims whose holder died after committing its shard.
 
 A rerun with other settings (``--resolution``, ``--vae`` or other weights under the same name,
-``--formats``, ``--samples-per-shard``, ``--flip``, ``--store``, or an ImageFolder whose listing
-changed) is refused before anything is written, naming ``encode_config.json`` and each setting; the
+``--vae-dtype``, ``--formats``, ``--samples-per-shard``, ``--flip``, ``--store``, or an ImageFolder whose
+listing changed) is refused before anything is written, naming ``encode_config.json`` and each setting; the
 number of processes and ``--batch-size`` may change. ``--verify`` names the shard records to delete
 to re-encode a damaged shard.
 
@@ -91,7 +92,7 @@ import torch
 from mpdit_dist import fileio
 from mpdit_dist.data import manifest as mf
 
-from .encoders import load_encoder
+from .encoders import DTYPE_FLAGS, load_encoder
 from .images import BadImage, ImageEntry, list_image_folder, listing_sha256, load_image
 
 FORMATS = ("mds", "wds")
@@ -480,8 +481,12 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             shown.append(f"--flip {'on' if a else 'off'} -> {'on' if b else 'off'}")
         elif k == "encoder":
             a, b = a or {}, b or {}
+            changed = sorted(j for j in set(a) | set(b) if a.get(j) != b.get(j))
             if a.get("id") != b.get("id"):
                 shown.append(f"--vae {a.get('id')} -> {b.get('id')}")
+            elif changed == ["dtype"]:  # data_prep.encoders.VAE_DTYPES; before --vae-dtype, GPUs encoded in bf16
+                shown.append(f"--vae-dtype {DTYPE_FLAGS.get(a.get('dtype'), a.get('dtype'))} -> "
+                             f"{DTYPE_FLAGS.get(b.get('dtype'), b.get('dtype'))}")
             else:
                 sub = ", ".join(f"{j}: {a.get(j)!r} -> {b.get(j)!r}" for j in sorted(set(a) | set(b))
                                 if a.get(j) != b.get(j))
@@ -795,7 +800,7 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
                    formats: Sequence[str] | str = ("mds", "wds"), samples_per_shard: int = 1000, flip: bool = False,
                    batch_size: int = 64, strict: bool = False, store: str = "moments", rank: int = 0,
                    world_size: int = 1, workers: Optional[int] = None, device: Optional[str] = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, vae_dtype: str = "fp32") -> dict[str, Any]:
     """Encode this rank's shards; write the manifest if that completes the dataset.
 
     Returns a summary dict (images encoded/failed, shards written/skipped, seconds, images/s,
@@ -820,7 +825,7 @@ def encode_dataset(images: str | os.PathLike, out: str | os.PathLike, resolution
     root, out = Path(images), Path(out)
     skipped: list[dict[str, str]] = []
     classes, entries = list_image_folder(root, skipped)
-    encoder = load_encoder(vae, resolution, device)
+    encoder = load_encoder(vae, resolution, device, vae_dtype)
     if not encoder.has_posterior:
         store = "sample"
     num_shards = (len(entries) + samples_per_shard - 1) // samples_per_shard
@@ -900,6 +905,9 @@ def _rerun_command(out: Path) -> tuple[Optional[str], bool]:
         args = ["--images", "IMAGES", "--out", str(out), "--resolution", str(config["resolution"]),
                 "--vae", config["encoder"]["id"], "--formats", ",".join(config["formats"]),
                 "--samples-per-shard", str(config["samples_per_shard"]), "--store", config["store"]]
+        dtype = DTYPE_FLAGS.get(config["encoder"].get("dtype"))
+        if dtype and dtype != "fp32":
+            args += ["--vae-dtype", dtype]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, False
     return "python -m data_prep.encode " + shlex.join(args + (["--flip"] if config.get("flip") else [])), False
@@ -937,7 +945,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--flip", action="store_true", help="also store the encoding of the mirrored image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--strict", action="store_true", help="the first bad image is fatal")
-    p.add_argument("--store", choices=("moments", "sample"), default="moments")
+    p.add_argument("--vae-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the VAE's precision: fp32 as the official feature extraction (default); bf16/fp16 faster")
+    p.add_argument("--store", choices=("moments", "sample"), default="moments",
+                   help="moments: the posterior's mean and std, a latent drawn anew each epoch; sample: one "
+                        "latent drawn per image at encoding, as the official feature extraction stores")
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default min(8, cpus))")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
@@ -974,7 +986,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = encode_dataset(args.images, args.out, args.resolution, args.vae, args.formats,
                                  args.samples_per_shard, flip=args.flip, batch_size=args.batch_size,
                                  strict=args.strict, store=args.store, rank=rank, world_size=world,
-                                 workers=args.workers, device=args.device)
+                                 workers=args.workers, device=args.device, vae_dtype=args.vae_dtype)
     except (BadImage, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

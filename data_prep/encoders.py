@@ -63,13 +63,21 @@ class IdentityEncoder:
         return images.numpy().astype(np.float32), None
 
 
+# --vae-dtype: fp32 by default, as the official code extracts its features (a one-time cost)
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the flag value of a dtype as describe() records it (encode_config.json: "float32", ...)
+DTYPE_FLAGS = {str(v).replace("torch.", ""): k for k, v in VAE_DTYPES.items()}
+
+
 class VAEEncoder:
     """A diffusers ``AutoencoderKL`` from a local directory or the local hub cache (no download)."""
 
     kind = "vae"
     has_posterior = True
 
-    def __init__(self, spec: str, resolution: int, device: Optional[str] = None):
+    def __init__(self, spec: str, resolution: int, device: Optional[str] = None, dtype: str = "fp32"):
+        """``dtype``: the VAE's weights and compute, ``fp32`` (the official feature extraction's, and the
+        default), ``bf16`` or ``fp16`` (faster on a GPU; the latents move by about their rounding)."""
         from diffusers import AutoencoderKL
 
         self.spec = spec
@@ -82,9 +90,9 @@ class VAEEncoder:
                                                torch.cuda.device_count() if available else 0))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this process's GPU also for what torch allocates implicitly
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.float32
+        if dtype not in VAE_DTYPES:
+            raise ValueError(f"--vae-dtype {dtype!r}: choose one of {list(VAE_DTYPES)}")
+        self.dtype = VAE_DTYPES[dtype]
         try:
             vae = AutoencoderKL.from_pretrained(spec, torch_dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as exc:
@@ -121,7 +129,7 @@ class VAEEncoder:
         return dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
 
 
-def load_encoder(spec: str, resolution: int, device: Optional[str] = None):
+def load_encoder(spec: str, resolution: int, device: Optional[str] = None, dtype: str = "fp32"):
     if spec == "identity":
         return IdentityEncoder(resolution)
-    return VAEEncoder(spec, resolution, device)
+    return VAEEncoder(spec, resolution, device, dtype)

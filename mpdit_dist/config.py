@@ -56,6 +56,9 @@ class DataConfig:
     pin_memory: bool = True
     shuffle: bool = True
     normalize: bool = True  # standardise latents with the manifest's per-channel mean/std
+    # which per-channel mean/std: measured (the dataset manifest's) | official (the official code's fixed
+    # SD-VAE constants, what its recipes train with)
+    latent_stats: str = "measured"
     remote: Optional[str] = None  # remote store for MDS (s3://, gs://, ...) or wds URL prefix
     cache_dir: Optional[str] = None  # local cache for a remote store
     audit: bool = False  # log the sample keys each rank trains on to <run>/audit/rank{R}.jsonl
@@ -389,6 +392,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.stages={cfg.model.stages}: each stage is a [patch_size, depth] pair")
     if cfg.flow.p_std <= 0:
         raise ConfigError(f"flow.p_std={cfg.flow.p_std} must be > 0")
+    if cfg.data.latent_stats not in ("measured", "official"):
+        raise ConfigError(f"data.latent_stats={cfg.data.latent_stats!r}: choose measured or official")
+    if cfg.data.latent_stats == "official" and not cfg.data.normalize:
+        raise ConfigError("data.latent_stats=official with data.normalize=false: the statistics standardise the "
+                          "latents only with data.normalize=true")
     for key, value in (("optim.lr", cfg.optim.lr), ("optim.weight_decay", cfg.optim.weight_decay)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")

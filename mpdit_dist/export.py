@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -168,26 +169,31 @@ def load_exported(path: str | Path, attention: Optional[str] = None) -> tuple[MP
     return model, meta
 
 
-def load_weights_into(model: MPDiT, source: str) -> None:
+def load_weights_into(model: MPDiT, source: str, manifest: Optional[dict[str, Any]] = None) -> None:
     """Warm start (``train.init_from``): weights only, from an export, an official checkpoint, a
     checkpoint directory or a run directory (its newest intact checkpoint; EMA weights from either),
-    also of a run that is still training (see :func:`load_checkpoint_weights`). Every rank calls it."""
+    also of a run that is still training (see :func:`load_checkpoint_weights`). Every rank calls it.
+    ``manifest``: the run's data manifest (with the statistics it standardises with): a warning where
+    the weights were trained on latents standardised otherwise."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    trained_on: Optional[dict[str, Any]] = None  # the manifest the weights were trained with, where known
     if path.suffix == ".safetensors":
-        other, _ = load_exported(path)
+        other, meta = load_exported(path)
+        trained_on = meta.get("manifest")
     elif path.is_dir():
         try:
-            other, _, info = load_directory_weights(path)
+            other, trained_on, info = load_directory_weights(path)
         except (CheckpointError, FileNotFoundError) as exc:
             raise type(exc)(f"train.init_from={source}: {exc}") from exc
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             log.info("train.init_from: the EMA weights of %s (step %s)", info["source"], info["step"])
     else:
-        from .models.official import load_official
+        from .models.official import load_official, official_manifest
 
         other = load_official(path)
+        trained_on = official_manifest(other.args)
     # input_size may differ (the positions are fixed tables, not weights: a 256 px model can start a
     # 512 px run); attention is a kernel choice
     differ = [f"{f}: {theirs!r} there, {ours!r} configured" for f, (ours, theirs)
@@ -196,6 +202,25 @@ def load_weights_into(model: MPDiT, source: str) -> None:
         raise ValueError(f"train.init_from={source}: the weights' architecture differs from the configured model: "
                          + "; ".join(differ))
     model.load_state_dict(other.state_dict())
+    _warn_other_statistics(source, trained_on, manifest)
+
+
+def _warn_other_statistics(source: str, theirs: Optional[dict[str, Any]], ours: Optional[dict[str, Any]]) -> None:
+    """A warning (rank 0) where the warm-start weights learned on latents standardised with other
+    per-channel statistics than this run uses (e.g. official weights, trained with the official
+    constants, fine-tuned on a dataset's measured statistics: ``data.latent_stats=official`` fits)."""
+    if not theirs or not ours or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    pairs = [(k, theirs.get(k), ours.get(k)) for k in ("latent_mean", "latent_std")]
+    if any(a is None or b is None for _, a, b in pairs):
+        return
+    if all(len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-3) for x, y in zip(a, b))
+           for _, a, b in pairs):
+        return
+    shown = "; ".join(f"{k} {[round(x, 4) for x in a]} there, {[round(x, 4) for x in b]} here" for k, a, b in pairs)
+    log.warning("train.init_from=%s: the weights were trained on latents standardised with other statistics (%s, "
+                "data.latent_stats picks this run's): the model starts on inputs of another scale than it learned",
+                source, shown)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

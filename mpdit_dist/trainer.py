@@ -194,7 +194,7 @@ class Trainer:
         if cfg.train.init_from:
             from .export import load_weights_into
 
-            load_weights_into(model, cfg.train.init_from)
+            load_weights_into(model, cfg.train.init_from, self.manifest if cfg.data.normalize else None)
         self.model_args = model.args
         self.flops_per_image = train_flops_per_image(self.model_args)
         model.to(self.device)
@@ -592,6 +592,14 @@ class Trainer:
                 f"data.normalize={bool(self.cfg.data.normalize)}: the model would continue on latents of another "
                 f"scale than it learned (and its samples be decoded wrongly). Resume with "
                 f"data.normalize={bool(saved_norm)}, or start a new run dir with train.init_from=<exported weights>"
+            )
+        saved_stats = _saved_section(tstate, "data").get("latent_stats", "measured")  # older runs: measured
+        if saved_stats != self.cfg.data.latent_stats and self.cfg.data.normalize:
+            raise C.ConfigError(
+                f"checkpoint {path} was trained with data.latent_stats={saved_stats}, this run has "
+                f"data.latent_stats={self.cfg.data.latent_stats}: the model would continue on latents standardised "
+                f"with other statistics. Resume with data.latent_stats={saved_stats}, or start a new run dir with "
+                f"train.init_from=<exported weights>"
             )
         # the data stream (seed, shuffle, dataset): refused here, before the tensors are read
         try:

@@ -337,6 +337,36 @@ def _channel_view(manifest: dict[str, Any], x: torch.Tensor, key: str) -> torch.
     return v.view(1, -1, *([1] * (x.dim() - 2))) if x.dim() >= 2 else v
 
 
+# The official MPDiT code standardises raw SD-VAE latents per channel with these fixed ImageNet
+# statistics (hard-coded in its train.py and sample.py), at 256 and 512 px alike, instead of
+# statistics measured over the encoded dataset (``data.latent_stats``).
+OFFICIAL_LATENT_MEAN = [5.81, 3.25, 0.12, -2.15]
+OFFICIAL_LATENT_STD = [4.17, 4.62, 3.71, 3.28]
+LATENT_STATS = ("measured", "official")
+OFFICIAL_STATS_SOURCE = "official: the fixed constants of the official MPDiT code"
+
+
+def with_latent_stats(manifest: dict[str, Any], which: str, source: str = "the dataset") -> dict[str, Any]:
+    """``manifest`` standardising with the statistics ``which`` names (``data.latent_stats``):
+    ``measured``, the manifest's own (unchanged); ``official``, the official code's constants, for
+    latents of 4 channels (SD-VAE). A copy says so in ``latent_stats_source`` and keeps the measured
+    ones in ``measured_latent_mean``/``measured_latent_std``; the trainer records it with every
+    checkpoint, so sampling and export decode with what training used."""
+    from ..config import ConfigError  # a setting that does not fit the data: named as the setting
+
+    if which not in LATENT_STATS:
+        raise ConfigError(f"data.latent_stats={which!r}: choose one of {list(LATENT_STATS)}")
+    if which == "measured":
+        return manifest
+    channels = len(manifest["latent_mean"])
+    if channels != len(OFFICIAL_LATENT_MEAN):
+        raise ConfigError(f"data.latent_stats=official: the official constants are for SD-VAE latents of "
+                         f"{len(OFFICIAL_LATENT_MEAN)} channels, {source} has {channels} "
+                         f"(encoder {manifest.get('encoder', {}).get('id')!r})")
+    return {**manifest, "latent_mean": list(OFFICIAL_LATENT_MEAN), "latent_std": list(OFFICIAL_LATENT_STD),
+            "measured_latent_mean": manifest["latent_mean"], "measured_latent_std": manifest["latent_std"],
+            "latent_stats_source": OFFICIAL_STATS_SOURCE}
+
 def normalize(x: torch.Tensor, manifest: dict[str, Any], normalized: bool = True) -> torch.Tensor:
     """Encoder latents ``(N, C, ...)`` -> model space.
 

@@ -253,10 +253,9 @@ def _check_positions(sd: Mapping[str, torch.Tensor], model: MPDiT) -> None:
             raise OfficialCheckpointError(f"{key}: positions differ from the sin-cos table of stage {stage}")
 
 
-# The official code trains on raw SD-VAE latents standardised per channel with these ImageNet
-# statistics (hard-coded in its train.py and sample.py), at 256 and 512 px alike.
-OFFICIAL_LATENT_MEAN = [5.81, 3.25, 0.12, -2.15]
-OFFICIAL_LATENT_STD = [4.17, 4.62, 3.71, 3.28]
+# The official code trains on raw SD-VAE latents standardised per channel with fixed ImageNet
+# statistics (data.latent_stats=official; the constants live with the other manifest code)
+from ..data.manifest import OFFICIAL_LATENT_MEAN, OFFICIAL_LATENT_STD, OFFICIAL_STATS_SOURCE  # noqa: E402
 
 
 def official_manifest(args: ModelArgs, vae: str = "stabilityai/sd-vae-ft-ema") -> dict[str, Any]:
@@ -267,6 +266,7 @@ def official_manifest(args: ModelArgs, vae: str = "stabilityai/sd-vae-ft-ema") -
         "latent_shape": [args.in_channels, args.input_size, args.input_size],
         "latent_mean": list(OFFICIAL_LATENT_MEAN),
         "latent_std": list(OFFICIAL_LATENT_STD),
+        "latent_stats_source": OFFICIAL_STATS_SOURCE,
         "num_classes": args.num_classes,
     }
 
@@ -295,10 +295,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"mpdit_dist.models.official: {exc}") from exc
     # the official latents are standardised with OFFICIAL_LATENT_MEAN/STD: data.normalize=true
     # "ema": the weights actually taken (false where a checkpoint without EMA gave its raw weights;
-    # null for a bare state dict, which does not say); "checkpoint_key": the entry they came from
+    # null for a bare state dict, which does not say); "checkpoint_key": the entry they came from.
+    # "train": mpdit_dist.sample's defaults for this file, the official sample.py's: CFG 1.5 and
+    # --num_sampling_steps 250, which its Euler sampler takes as 249 steps (docs/evaluation.md)
     meta = {"manifest": official_manifest(model.args, args.vae), "source": str(args.checkpoint),
             "ema": None if weights is None else weights == "ema", "checkpoint_key": weights,
-            "config": {"data": {"normalize": True}}}
+            "config": {"data": {"normalize": True, "latent_stats": "official"},
+                       "train": {"sample_cfg_scale": 1.5, "sample_steps": 249}}}
     path = save_exported(model, out, meta)
     n = sum(p.numel() for p in model.parameters())
     kind = {"ema": "EMA", "model": "raw"}.get(weights or "", "bare state dict")

@@ -706,3 +706,21 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_listed(tmp_path, capsys):
     os.rename(os.path.join(os.fsencode(root), b"a"), os.path.join(os.fsencode(root), b"\xe9t\xe9"))
     with pytest.raises(ValueError, match=r"class folder '\\\\xe9t\\\\xe9' has a name that is not valid UTF-8"):
         encode_dataset(root, tmp_path / "out2", 8, "identity", "wds", 4, progress=False)
+
+
+def test_the_vae_runs_in_fp32_unless_asked_and_a_restart_in_another_precision_is_refused(images, vae, tmp_path):
+    """--vae-dtype: fp32 by default, as the official feature extraction (GPUs encoded in bf16 before);
+    recorded with the encoder, and a rerun in another precision names the flag."""
+    root, _ = images
+    out = tmp_path / "bf16"
+    encode_dataset(root, out, 16, str(vae), "wds", 4, batch_size=3, progress=False, vae_dtype="bf16")
+    assert read_manifest(out)["encoder"]["dtype"] == "bfloat16"
+    with pytest.raises(ConfigMismatch, match=r"--vae-dtype bf16 -> fp32"):
+        encode_dataset(root, out, 16, str(vae), "wds", 4, batch_size=3, progress=False)
+    fp32 = tmp_path / "fp32"
+    encode_dataset(root, fp32, 16, str(vae), "wds", 4, batch_size=3, progress=False)
+    assert read_manifest(fp32)["encoder"]["dtype"] == "float32"
+    # the repair hint's command reproduces the precision
+    from data_prep.encode import _rerun_command
+
+    assert "--vae-dtype bf16" in _rerun_command(out)[0] and "--vae-dtype" not in _rerun_command(fp32)[0]

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -155,7 +157,7 @@ def test_load_official_bad_state_dict():
         infer_args(sd, num_heads=2)
 
 
-def test_convert_cli_output_samples_and_warm_starts(tmp_path):
+def test_convert_cli_output_samples_and_warm_starts(tmp_path, caplog):
     """The converted official checkpoint is an export like ours: ``mpdit_dist.sample`` decodes it
     through the VAE named at conversion, and ``train.init_from`` takes it (same architecture only)."""
     import numpy as np
@@ -172,6 +174,9 @@ def test_convert_cli_output_samples_and_warm_starts(tmp_path):
     main([str(tmp_path / "ckpt.pt"), "--out", str(out), "--num-heads", "2", "--vae", str(vae)])
     loaded, meta = load_exported(out)
     assert loaded.args == model.args and meta["manifest"]["latent_mean"] == OFFICIAL_LATENT_MEAN
+    # sampled without flags as the official sample.py samples: CFG 1.5, its 250 Euler points = 249 steps
+    assert meta["config"]["train"] == {"sample_cfg_scale": 1.5, "sample_steps": 249}
+    assert meta["config"]["data"] == {"normalize": True, "latent_stats": "official"}
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     samples = tmp_path / "s.npz"
@@ -182,6 +187,16 @@ def test_convert_cli_output_samples_and_warm_starts(tmp_path):
     target = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=2, input_size=16)
     load_weights_into(target, str(out))  # another resolution: positions are tables, not weights
     assert torch.equal(target.final_layer.linear.weight, model.final_layer.linear.weight)
+    # a run that standardises with other statistics than the official ones is warned;
+    # data.latent_stats=official fits
+    measured = {"latent_mean": [0.1, 0.2, 0.3, 0.4], "latent_std": [1.0, 1.0, 1.0, 1.0]}
+    with caplog.at_level(logging.WARNING, logger="mpdit_dist"):
+        load_weights_into(target, str(out), measured)
+        assert "trained on latents standardised with other statistics" in caplog.text
+        assert "latent_mean [5.81, 3.25, 0.12, -2.15] there, [0.1, 0.2, 0.3, 0.4] here" in caplog.text
+        caplog.clear()
+        load_weights_into(target, str(out), meta["manifest"])
+        assert "other statistics" not in caplog.text
     other_heads = create_model("custom", stages=((4, 1), (2, 1)), hidden_size=32, num_heads=4, input_size=8)
     with pytest.raises(ValueError, match="num_heads: 2 there, 4 configured"):
         load_weights_into(other_heads, str(out))
