@@ -650,7 +650,9 @@ def read_labels(path: PathLike, num_images: int) -> Optional[np.ndarray]:
         try:
             with np.load(path, allow_pickle=False) as data:
                 labels = data["arr_1"]
-        except ValueError as err:  # e.g. an object array: only the order check needs the labels
+        except ValueError as err:  # an object array: only the order check needs the labels
+            if "Object arrays cannot be loaded" not in str(err):
+                raise  # a damaged header: named by _reading_npz
             log.info("%s: arr_1 not readable as labels (%s); not used", path, err)
             return None
     if labels.ndim != 1 or len(labels) != num_images or not np.issubdtype(labels.dtype, np.integer):
@@ -717,6 +719,8 @@ def _frechet(name: str, sample_features: np.ndarray, ref_mu, ref_sigma, device, 
         try:
             value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
         except ValueError as err:
+            if "imaginary component" not in str(err):
+                raise
             raise EvaluationError(f"{name}: {err}; the sample and reference covariances give no real "
                                   "matrix square root") from err
     for w in caught:

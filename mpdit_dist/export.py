@@ -122,7 +122,9 @@ def _manifest_of(tstate: dict[str, Any]) -> dict[str, Any]:
     data = tstate.get("config", {}).get("data", {})
     root = data.get("path")
     if data.get("format") != "memory" and root and (Path(root) / "manifest.json").is_file():
-        return read_manifest(Path(root) / "manifest.json")
+        from .data.manifest import with_latent_stats
+
+        return with_latent_stats(read_manifest(Path(root) / "manifest.json"), data.get("latent_stats", "measured"))
     return {}
 
 

@@ -43,6 +43,7 @@ RETRY_WAITS_S = (1.0, 4.0, 15.0)
 # tried after a SyntaxError, e.g. for a damaged quote).
 NPY_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError)
 
+
 def temp_tag() -> str:
     """``<host>-<pid>``: a temp-name part unique among the processes sharing a file system."""
     return f"{socket.gethostname()}-{os.getpid()}"

@@ -268,6 +268,8 @@ class MemorySource(Source):
         p = Path(path)
         if p.suffix != ".npz" or not p.is_file():
             raise FileNotFoundError(f"data.path={path!r}: data.format=memory needs an existing .npz file")
+        if not zipfile.is_zipfile(p):
+            raise ValueError(f"{path}: not an .npz (zip) file; data.format=memory reads np.savez's files")
         try:
             with np.load(p, allow_pickle=False) as z:
                 names = list(z.keys())

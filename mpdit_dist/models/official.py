@@ -296,8 +296,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # the official latents are standardised with OFFICIAL_LATENT_MEAN/STD: data.normalize=true
     # "ema": the weights actually taken (false where a checkpoint without EMA gave its raw weights;
     # null for a bare state dict, which does not say); "checkpoint_key": the entry they came from.
-    # "train": mpdit_dist.sample's defaults for this file, the official sample.py's: CFG 1.5 and
-    # --num_sampling_steps 250, which its Euler sampler takes as 249 steps (docs/evaluation.md)
+    # "train": mpdit_dist.sample's defaults for this file, the official sample.py's argparse defaults:
+    # CFG 1.5 and --num_sampling_steps 250, which its Euler sampler takes as 249 steps
+    # (docs/evaluation.md); its paper rows use the settings of its script/sample.sh (README)
     meta = {"manifest": official_manifest(model.args, args.vae), "source": str(args.checkpoint),
             "ema": None if weights is None else weights == "ema", "checkpoint_key": weights,
             "config": {"data": {"normalize": True, "latent_stats": "official"},

@@ -58,3 +58,24 @@ def test_bf16_zero2_resume_keeps_the_ema(tmp_path, npz):
     assert not all(torch.equal(loaded[k], a[k]) for k in a), "the EMA did not move after step 3: the check is void"
     for k in loaded:
         assert torch.equal(kept[k], loaded[k]), k
+
+
+def test_zero0_masters_of_the_fused_optimizer_are_found():
+    """ZeRO 0 with bf16 and DeepSpeed's fused Adam (a user JSON's ``"optimizer": {"type": "AdamW"}``,
+    CUDA only) keeps one flat fp32 master per group (``fp32_groups_flat``), not one per parameter
+    (``fp32_groups``, the unfused optimizer the suite runs): the EMA takes views of it, in the group's
+    order, so it follows the masters there too (it fell back to the bf16 copies)."""
+    from types import SimpleNamespace
+
+    from mpdit_dist.distributed.deepspeed_backend import _unpartitioned_masters
+
+    params = [torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16)]
+    flat = torch.arange(10, dtype=torch.float32)
+    masters = _unpartitioned_masters(SimpleNamespace(fp16_groups=[params], fp32_groups_flat=[flat]))
+    assert torch.equal(masters[id(params[0])], flat[:6].view(2, 3)) and torch.equal(masters[id(params[1])], flat[6:])
+    flat.add_(1)  # views: an optimizer step (or a checkpoint load, in place) is seen
+    assert masters[id(params[1])][0].item() == 7.0
+    unfused = [torch.ones(2, 3), torch.ones(4)]
+    masters = _unpartitioned_masters(SimpleNamespace(fp16_groups=[params], fp32_groups=[unfused]))
+    assert masters[id(params[0])] is not None and torch.equal(masters[id(params[1])], unfused[1])
+    assert _unpartitioned_masters(None) == {} and _unpartitioned_masters(SimpleNamespace()) == {}

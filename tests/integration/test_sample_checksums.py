@@ -390,3 +390,9 @@ def test_a_damaged_npy_header_is_named(digits, tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(objects))}: holds object arrays") as err:
         open_source("memory", str(objects))
     assert not isinstance(err.value, ShardReadError)
+    # and a file that is no npz at all is not called damaged
+    text = tmp_path / "text.npz"
+    text.write_text("x,y\n1,2\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(text))}: not an .npz \(zip\) file") as err:
+        open_source("memory", str(text))
+    assert not isinstance(err.value, ShardReadError)

@@ -250,3 +250,17 @@ def test_frechet_fallback_is_in_the_results_warnings_and_its_failure_is_an_evalu
     with pytest.raises(EvaluationError, match=r"sFID: Fréchet distance: imaginary component 1\.0; the sample and "
                                               r"reference covariances give no real matrix square root"):
         compute_metrics(_images(0, 70), stats, net, batch_size=35, device="cpu", k=1, is_split_size=35)
+
+
+def test_a_damaged_label_header_is_damage_not_missing_labels(tmp_path, net):
+    """A damaged header of the samples' labels (arr_1; numpy parses it before zip checks the CRC of a
+    large member) was taken for labels that are not there: the file was evaluated and the label-order
+    check skipped without a word. An object array of labels is still only not used."""
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, _images(0, 6), np.arange(50_000) % 1000)  # labels: a large member
+    _flip_member_byte(samples, "arr_1.npy", 20)  # inside the header's dict
+    with pytest.raises(EvaluationError, match=rf"{samples}: damaged or truncated npz file"):
+        evaluate.read_labels(samples, 50_000)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, _images(0, 6), np.array([{"a": 1}] * 6, dtype=object))
+    assert evaluate.read_labels(objects, 6) is None
