@@ -12,8 +12,9 @@ $(VENV)/.installed: setup.cfg
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q setuptools wheel ninja
-	# DeepSpeed's CPU communication op built now, not JIT-compiled by the first test that needs it
-	DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.16,<1'
+	# DeepSpeed's CPU communication op built now, not JIT-compiled by the first test that needs it; never
+	# from pip's cache, whose wheel may hold that op built for another torch (it then fails to load)
+	DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-cache-dir --no-build-isolation 'deepspeed>=0.16,<1'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
