@@ -245,8 +245,8 @@ class ShardedEMA(EMA):
         # ``None`` where it holds no piece, so every rank agrees on which parameters these are)
         self.fragmented = [not self.zero3 and p.dtype != torch.float32 and hasattr(p, "_hp_mapping")
                            for p in params]
-        without = [n for n, p, f in zip(self.names, params, self.fragmented)
-                   if not self.zero3 and not f and p.requires_grad and p.dtype != torch.float32 and id(p) not in self.masters]
+        without = [n for n, p, f in zip(self.names, params, self.fragmented) if not self.zero3 and not f
+                   and p.requires_grad and p.dtype != torch.float32 and id(p) not in self.masters]
         if without and self.rank == 0:
             log.warning("EMA: no fp32 master found for %d low-precision parameter(s) (%s%s) under %s: the EMA "
                         "averages their %s working copies", len(without), ", ".join(without[:3]),
