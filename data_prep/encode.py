@@ -488,8 +488,7 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 shown.append(f"--vae-dtype {DTYPE_FLAGS.get(a.get('dtype'), a.get('dtype'))} -> "
                              f"{DTYPE_FLAGS.get(b.get('dtype'), b.get('dtype'))}")
             else:
-                sub = ", ".join(f"{j}: {a.get(j)!r} -> {b.get(j)!r}" for j in sorted(set(a) | set(b))
-                                if a.get(j) != b.get(j))
+                sub = ", ".join(f"{j}: {a.get(j)!r} -> {b.get(j)!r}" for j in changed)
                 shown.append(f"--vae {b.get('id')}: the encoder differs ({sub})")
         elif k == "encoder_weights_sha256":
             shown.append(f"--vae {new['encoder'].get('id')}: other weights under the same name "

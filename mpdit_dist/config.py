@@ -15,6 +15,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING re-
 from omegaconf.errors import OmegaConfBaseException
 
 
+# data.latent_stats: the dataset manifest's measured statistics, or the official code's constants
+LATENT_STATS = ("measured", "official")
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema (names the key)."""
 
@@ -392,7 +396,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.stages={cfg.model.stages}: each stage is a [patch_size, depth] pair")
     if cfg.flow.p_std <= 0:
         raise ConfigError(f"flow.p_std={cfg.flow.p_std} must be > 0")
-    if cfg.data.latent_stats not in ("measured", "official"):
+    if cfg.data.latent_stats not in LATENT_STATS:
         raise ConfigError(f"data.latent_stats={cfg.data.latent_stats!r}: choose measured or official")
     if cfg.data.latent_stats == "official" and not cfg.data.normalize:
         raise ConfigError("data.latent_stats=official with data.normalize=false: the statistics standardise the "

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mpdit_dist.fileio import NPY_HEADER_ERRORS, atomic_write, write_json_atomic
+from mpdit_dist.fileio import NPY_HEADER_ERRORS, atomic_write, object_arrays_refused, write_json_atomic
 from mpdit_dist.inception import MIN_INPUT_SIZE, POOL_DIM, FeatureNetError, InceptionFeatures, load_feature_net
 from mpdit_dist.metrics import (
     frechet_distance,
@@ -486,7 +486,7 @@ def _compute_reference(
                 try:
                     arrays = [data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")]
                 except ValueError as err:
-                    if "Object arrays cannot be loaded" not in str(err):
+                    if not object_arrays_refused(err):
                         raise
                     raise EvaluationError(f"{not_numeric} ({err})") from err  # an object array
         try:
@@ -651,7 +651,7 @@ def read_labels(path: PathLike, num_images: int) -> Optional[np.ndarray]:
             with np.load(path, allow_pickle=False) as data:
                 labels = data["arr_1"]
         except ValueError as err:  # an object array: only the order check needs the labels
-            if "Object arrays cannot be loaded" not in str(err):
+            if not object_arrays_refused(err):
                 raise  # a damaged header: named by _reading_npz
             log.info("%s: arr_1 not readable as labels (%s); not used", path, err)
             return None

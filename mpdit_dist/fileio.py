@@ -13,7 +13,8 @@ One way for the whole package (the encoder, the loader, the sampler, export, eva
 - :func:`lock_file`: a ``flock`` on a lock file, the one lock of the package (shard claims and the
   finalizer of the encoder, the sampler's ``--out``, the creation of an MLflow SQLite store). The
   kernel drops it when its holder dies, so a killed job never leaves a stale lock.
-- :data:`NPY_HEADER_ERRORS`: what numpy raises reading a damaged ``.npy`` header.
+- :data:`NPY_HEADER_ERRORS`: what numpy raises reading a damaged ``.npy`` header;
+  :func:`object_arrays_refused` tells an object array refused from those.
 - :func:`with_retries`: a call tried again after each of :data:`RETRY_WAITS_S` while it fails in a
   way that may pass (a file missing for a moment, an I/O error or stale handle on a parallel file
   system, a busy tracking server).
@@ -42,6 +43,12 @@ RETRY_WAITS_S = (1.0, 4.0, 15.0)
 # cannot read; and tokenize.TokenError, which escapes from numpy's fallback parser (``_filter_header``,
 # tried after a SyntaxError, e.g. for a damaged quote).
 NPY_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError)
+
+
+def object_arrays_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is numpy refusing an object array under ``allow_pickle=False``: a file of another
+    kind, not a damaged one (that ValueError is also among :data:`NPY_HEADER_ERRORS`)."""
+    return isinstance(exc, ValueError) and "Object arrays cannot be loaded" in str(exc)
 
 
 def temp_tag() -> str:

@@ -584,23 +584,21 @@ class Trainer:
                     f"checkpoint {path} holds another model architecture: {'; '.join(diff)}. "
                     f"Resume with the checkpoint's model settings, or start a new run dir"
                 )
-        # the model's input space: standardised latents or the stored ones (sampling decodes alike)
-        saved_norm = _saved_section(tstate, "data").get("normalize")
-        if saved_norm is not None and bool(saved_norm) != bool(self.cfg.data.normalize):
-            raise C.ConfigError(
-                f"checkpoint {path} was trained with data.normalize={bool(saved_norm)}, this run has "
-                f"data.normalize={bool(self.cfg.data.normalize)}: the model would continue on latents of another "
-                f"scale than it learned (and its samples be decoded wrongly). Resume with "
-                f"data.normalize={bool(saved_norm)}, or start a new run dir with train.init_from=<exported weights>"
-            )
-        saved_stats = _saved_section(tstate, "data").get("latent_stats", "measured")  # older runs: measured
-        if saved_stats != self.cfg.data.latent_stats and self.cfg.data.normalize:
-            raise C.ConfigError(
-                f"checkpoint {path} was trained with data.latent_stats={saved_stats}, this run has "
-                f"data.latent_stats={self.cfg.data.latent_stats}: the model would continue on latents standardised "
-                f"with other statistics. Resume with data.latent_stats={saved_stats}, or start a new run dir with "
-                f"train.init_from=<exported weights>"
-            )
+        # the model's input space: standardised latents or the stored ones, and with which statistics
+        # (sampling decodes alike); checkpoints from before data.latent_stats used the measured ones
+        saved, data = _saved_section(tstate, "data"), self.cfg.data
+        input_space = [("normalize", saved.get("normalize"), bool(data.normalize),
+                        "of another scale than it learned (and its samples be decoded wrongly)")]
+        if data.normalize:
+            input_space.append(("latent_stats", saved.get("latent_stats", "measured"), data.latent_stats,
+                                "standardised with other statistics"))
+        for key, theirs, ours, what in input_space:
+            if theirs is not None and theirs != ours:
+                raise C.ConfigError(
+                    f"checkpoint {path} was trained with data.{key}={theirs}, this run has data.{key}={ours}: the "
+                    f"model would continue on latents {what}. Resume with data.{key}={theirs}, or start a new run "
+                    f"dir with train.init_from=<exported weights>"
+                )
         # the data stream (seed, shuffle, dataset): refused here, before the tensors are read
         try:
             self.loader.check_state(tstate["data"], allow_batch_change=self.cfg.checkpoint.allow_batch_change)

@@ -413,8 +413,7 @@ def build_loader(cfg, *, rank: int, world_size: int, seed: int, run_dir: Optiona
     if cfg.audit and not run_dir:
         raise ValueError("data.audit=true needs a run directory (build_loader(..., run_dir=...))")
     source = open_source(cfg.format, cfg.path, cfg.remote, cfg.cache_dir)
-    source.manifest = mf.with_latent_stats(source.manifest, cfg.latent_stats,
-                                           f"data.path={cfg.path}")
+    source.manifest = mf.with_latent_stats(source.manifest, cfg.latent_stats, f"data.path={cfg.path}")
     return ShardLoader(cfg, source, rank=rank, world_size=world_size, seed=seed, run_dir=run_dir)
 
 

@@ -342,7 +342,6 @@ def _channel_view(manifest: dict[str, Any], x: torch.Tensor, key: str) -> torch.
 # statistics measured over the encoded dataset (``data.latent_stats``).
 OFFICIAL_LATENT_MEAN = [5.81, 3.25, 0.12, -2.15]
 OFFICIAL_LATENT_STD = [4.17, 4.62, 3.71, 3.28]
-LATENT_STATS = ("measured", "official")
 OFFICIAL_STATS_SOURCE = "official: the fixed constants of the official MPDiT code"
 
 
@@ -352,7 +351,7 @@ def with_latent_stats(manifest: dict[str, Any], which: str, source: str = "the d
     latents of 4 channels (SD-VAE). A copy says so in ``latent_stats_source`` and keeps the measured
     ones in ``measured_latent_mean``/``measured_latent_std``; the trainer records it with every
     checkpoint, so sampling and export decode with what training used."""
-    from ..config import ConfigError  # a setting that does not fit the data: named as the setting
+    from ..config import LATENT_STATS, ConfigError  # a setting that does not fit the data: named as the setting
 
     if which not in LATENT_STATS:
         raise ConfigError(f"data.latent_stats={which!r}: choose one of {list(LATENT_STATS)}")
@@ -366,6 +365,7 @@ def with_latent_stats(manifest: dict[str, Any], which: str, source: str = "the d
     return {**manifest, "latent_mean": list(OFFICIAL_LATENT_MEAN), "latent_std": list(OFFICIAL_LATENT_STD),
             "measured_latent_mean": manifest["latent_mean"], "measured_latent_std": manifest["latent_std"],
             "latent_stats_source": OFFICIAL_STATS_SOURCE}
+
 
 def normalize(x: torch.Tensor, manifest: dict[str, Any], normalized: bool = True) -> torch.Tensor:
     """Encoder latents ``(N, C, ...)`` -> model space.

@@ -256,11 +256,6 @@ class Source:
         return f"Check {self.shard_file(index)}, or write it again"
 
 
-def _damaged_npz(path: str, exc: BaseException) -> "ShardReadError":
-    return ShardReadError(f"{path}: damaged .npz ({type(exc).__name__}: {exc}): its bytes changed after it "
-                          f"was written (or it is cut short); write it again")
-
-
 class MemorySource(Source):
     """An ``.npz`` in memory (``data.format: memory``)."""
 
@@ -274,14 +269,13 @@ class MemorySource(Source):
             with np.load(p, allow_pickle=False) as z:
                 names = list(z.keys())
                 arrays = {k: z[k] for k in ("x", "y", "keys", "num_classes") if k in names}
-        except ValueError as exc:
-            if "Object arrays cannot be loaded" in str(exc):  # not damage: a file of another kind
-                raise ValueError(f"{path}: holds object arrays ({exc}); x, y and keys must be plain arrays") from exc
-            raise _damaged_npz(path, exc) from exc
         except (zipfile.BadZipFile, zlib.error, EOFError, *fileio.NPY_HEADER_ERRORS) as exc:
             # zipfile checks each member's CRC-32 as it reads it: a flipped bit anywhere in x or y lands
             # here, one in an array's header as numpy's parse error
-            raise _damaged_npz(path, exc) from exc
+            if fileio.object_arrays_refused(exc):  # not damage: a file of another kind
+                raise ValueError(f"{path}: holds object arrays ({exc}); x, y and keys must be plain arrays") from exc
+            raise ShardReadError(f"{path}: damaged .npz ({type(exc).__name__}: {exc}): its bytes changed after it "
+                                 f"was written (or it is cut short); write it again") from exc
         if "x" not in names or "y" not in names:
             raise ValueError(f"{path}: the .npz needs arrays 'x' (N, C, H, W) and 'y' (N,), has {names}")
         self.x = np.ascontiguousarray(arrays["x"])

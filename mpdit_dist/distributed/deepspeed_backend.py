@@ -324,14 +324,17 @@ class ShardedEMA(EMA):
                 src.append(hp.to(self.frags[i].device))
         torch._foreach_lerp_(dst, src, weight)
 
-    def _full_from_fragments(self, i: int) -> torch.Tensor:
-        """Parameter ``i``'s whole EMA (flat, fp32) from every rank's fragment: collective."""
-        start, numel = self.frag_at[i]
+    def _whole(self, i: int, start: int, piece: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s whole EMA (flat, fp32) from every rank's ``piece`` starting at ``start``
+        (its fragment, or its chunk of the saved layout): collective."""
         full = torch.zeros(self.numels[i], dtype=torch.float32, device=self.local[i].device)
-        full[start:start + numel] = self.frags[i].to(full.device)
+        full[start:start + piece.numel()] = piece.to(full.device)
         if self.world > 1:
-            dist.all_reduce(full)  # the fragments are disjoint and cover the parameter
+            dist.all_reduce(full)  # the pieces are disjoint and cover the parameter
         return full
+
+    def _full_from_fragments(self, i: int) -> torch.Tensor:
+        return self._whole(i, self.frag_at[i][0], self.frags[i])
 
     @torch.no_grad()
     def _assemble(self) -> None:
@@ -355,14 +358,10 @@ class ShardedEMA(EMA):
                 if src is shadow:  # loaded in place by DCP
                     continue
                 local.copy_(src.to_local() if hasattr(src, "to_local") else src.reshape(-1)[start:end])
-            for i, (_, start, end) in enumerate(self.bounds):
+            for i, (_, start, _) in enumerate(self.bounds):
                 if self.fragmented[i]:
-                    full = torch.zeros(self.numels[i], dtype=torch.float32, device=self.local[i].device)
-                    full[start:end] = self.local[i]
-                    if self.world > 1:
-                        dist.all_reduce(full)  # the ranks' pieces are disjoint and cover the parameter
                     at, numel = self.frag_at[i]
-                    self.frags[i].copy_(full[at:at + numel])
+                    self.frags[i].copy_(self._whole(i, start, self.local[i])[at:at + numel])
 
     def _write_partitions(self, params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         # gathered full copies (persistent small parameters, the prefetch cache) would keep the old

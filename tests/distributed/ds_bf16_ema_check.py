@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from mpdit_dist import config as C  # noqa: E402
 from mpdit_dist.distributed.env import shutdown  # noqa: E402
-from mpdit_dist.trainer import Trainer  # noqa: E402
+from mpdit_dist.trainer import Trainer, _leave  # noqa: E402
 from tests.helpers.runs import TINY  # noqa: E402
 
 
@@ -102,11 +102,6 @@ def main() -> None:
         shutdown()
 
 
-
 if __name__ == "__main__":
     main()
-    # checked: leave as train.py does under several ranks (trainer._leave), without the interpreter's
-    # teardown, in which multi-rank gloo processes abort now and then (SIGABRT after the check passed)
-    from mpdit_dist.trainer import _leave
-
-    _leave(0)
+    _leave(0)  # as train.py under several ranks: no interpreter teardown, where gloo ranks abort now and then
